@@ -1,0 +1,91 @@
+"""Save and load trained language models, keyed by their configuration.
+
+A checkpoint holds the state dict, the model and training configs and the training history. Its file
+name encodes the config (readable part + hash), so chapter 4 and 5 find chapter 3's models when they
+match. Loading a checkpoint whose config differs from the requested one is refused, never silent.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import config as run_config
+from .data import TextData
+from .model import ModelConfig, TransformerLM
+from .train import TrainConfig, train_lm
+
+__all__ = ["CheckpointMismatchError", "checkpoint_path", "save_checkpoint", "load_checkpoint", "train_or_load"]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint on disk was made with another configuration than the one asked for."""
+
+
+def _key(cfg: ModelConfig, tc: TrainConfig) -> dict:
+    return {"model": cfg.to_dict(), "train": tc.to_dict()}
+
+
+def checkpoint_path(cfg: ModelConfig, tc: TrainConfig, folder: Path | None = None) -> Path:
+    """``<cache>/checkpoints/lm-<ff>ff-<qkv>qkv-d<d>-L<layers>-<steps>steps-<hash>.pt``."""
+    folder = Path(folder) if folder is not None else run_config.cache_dir() / "checkpoints"
+    digest = hashlib.sha1(json.dumps(_key(cfg, tc), sort_keys=True).encode()).hexdigest()[:10]
+    name = (f"lm-{cfg.ff}ff-{cfg.qkv}qkv-d{cfg.d_model}-L{cfg.n_layers}-ff{cfg.d_ff}-"
+            f"{tc.steps}steps-{digest}.pt")
+    return folder / name
+
+
+def save_checkpoint(model: TransformerLM, tc: TrainConfig, history: pd.DataFrame | None = None,
+                    path: Path | None = None) -> Path:
+    """Write atomically (temporary file + rename) and return the path."""
+    path = Path(path) if path is not None else checkpoint_path(model.cfg, tc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"key": _key(model.cfg, tc), "state_dict": model.state_dict(),
+               "history": None if history is None else history.to_dict(orient="list")}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, cfg: ModelConfig, tc: TrainConfig) -> tuple[TransformerLM, pd.DataFrame | None]:
+    """Load a model saved with exactly ``cfg`` and ``tc``; raise :class:`CheckpointMismatchError` otherwise."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    want = _key(cfg, tc)
+    if payload.get("key") != want:
+        got = payload.get("key", {})
+        diffs = [f"{part}.{k}: checkpoint has {got.get(part, {}).get(k)!r}, requested {v!r}"
+                 for part in ("model", "train") for k, v in want[part].items()
+                 if got.get(part, {}).get(k) != v]
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was saved with another configuration ({'; '.join(diffs) or 'unknown key'}); "
+            f"refusing to load it. Train a model with this configuration or delete the file."
+        )
+    model = TransformerLM(cfg)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    history = None if payload.get("history") is None else pd.DataFrame(payload["history"])
+    return model, history
+
+
+def train_or_load(cfg: ModelConfig, tc: TrainConfig, data: TextData, *, progress: bool = True,
+                  folder: Path | None = None) -> tuple[TransformerLM, pd.DataFrame, bool]:
+    """Load the matching checkpoint if one exists, else train and save. Returns ``(model, history, loaded)``."""
+    path = checkpoint_path(cfg, tc, folder)
+    if path.is_file():
+        model, history = load_checkpoint(path, cfg, tc)
+        return model, history, True
+    torch.manual_seed(tc.seed)
+    model = TransformerLM(cfg)
+    history = train_lm(model, data, tc, progress=progress)
+    save_checkpoint(model, tc, history, path)
+    return model, history, False

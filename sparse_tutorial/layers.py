@@ -1,0 +1,244 @@
+"""The feed-forward layers of the book: the dense baseline and the paper's sparse FF.
+
+Notation (the paper's): ``d = d_model``, ``d_ff`` hidden units, split into ``n_blocks = d_ff / N`` blocks
+of ``N = block_size`` units. Exactly one unit per block is active for each token, so a token uses
+``n_blocks`` of the ``d_ff`` units. (Some follow-up projects call the *number of blocks* "N"; this book
+does not.)
+
+``SparseFF`` follows the reference implementation (trax ``SparseFF``):
+
+* controller ``logits = x C1 C2 + c`` (low rank ``d_lowrank``, bias on the output only), per-block softmax;
+* training: Gumbel-perturbed argmax (noise x 0.1), straight-through one-hot, hard mask on 30% of calls and
+  the soft mask otherwise; the mask multiplies ``x W1`` *before* the ReLU; no first-layer bias; dense compute;
+* eval: one-hot of the argmax, same dense formula;
+* :meth:`SparseFF.decode`: the real sparse computation, gathering only the selected rows of ``W1^T`` and ``W2``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import last_dim, positive_int, probability
+
+__all__ = [
+    "DenseFF",
+    "SparseFF",
+    "LowRankController",
+    "FullRankController",
+    "MLPController",
+    "make_controller",
+]
+
+
+class DenseFF(nn.Module):
+    """``relu(x W1 + b1) W2 + b2``: the Transformer's position-wise feed-forward layer."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.d_model = positive_int("d_model", d_model)
+        self.d_ff = positive_int("d_ff", d_ff)
+        self.w1 = nn.Linear(d_model, d_ff)  # weight (d_ff, d_model)
+        self.w2 = nn.Linear(d_ff, d_model)  # weight (d_model, d_ff)
+        self.dropout = nn.Dropout(probability("dropout", dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last_dim("x", x, self.d_model)
+        return self.dropout(self.w2(F.relu(self.w1(x))))  # (..., d_model)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward` (a dense layer has no cheaper path); lets callers treat both kinds alike."""
+        return self.forward(x)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_ff={self.d_ff}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Controllers: map x (..., d_model) to one score per hidden unit (..., d_ff)
+# --------------------------------------------------------------------------------------------------
+
+
+class LowRankController(nn.Module):
+    """The paper's controller: ``x C1 C2 + c`` with rank ``d_lowrank``; costs ``d*r + r*d_ff`` per token."""
+
+    def __init__(self, d_model: int, d_ff: int, d_lowrank: int):
+        super().__init__()
+        self.c1 = nn.Linear(d_model, d_lowrank, bias=False)
+        self.c2 = nn.Linear(d_lowrank, d_ff, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(self.c1(x))  # (..., d_ff)
+
+
+class FullRankController(nn.Module):
+    """A full ``d_model x d_ff`` linear controller: as expensive as the dense FF's first layer."""
+
+    def __init__(self, d_model: int, d_ff: int, d_lowrank: int | None = None):
+        super().__init__()
+        self.c = nn.Linear(d_model, d_ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(x)
+
+
+class MLPController(nn.Module):
+    """Linear -> ReLU -> Linear with biases (the design of an earlier small PyTorch project)."""
+
+    def __init__(self, d_model: int, d_ff: int, d_lowrank: int):
+        super().__init__()
+        self.c1 = nn.Linear(d_model, d_lowrank)
+        self.c2 = nn.Linear(d_lowrank, d_ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(F.relu(self.c1(x)))
+
+
+CONTROLLERS = {"lowrank": LowRankController, "full": FullRankController, "mlp": MLPController}
+
+
+def make_controller(kind: str, d_model: int, d_ff: int, d_lowrank: int) -> nn.Module:
+    """Build a controller by name: ``"lowrank"`` (the paper's), ``"full"`` or ``"mlp"``."""
+    if kind not in CONTROLLERS:
+        raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got controller={kind!r}")
+    return CONTROLLERS[kind](d_model, d_ff, d_lowrank)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparse FF
+# --------------------------------------------------------------------------------------------------
+
+
+class SparseFF(nn.Module):
+    """Sparse feed-forward layer: one active unit in each block of ``block_size`` units.
+
+    Args:
+        d_model: width of the residual stream.
+        d_ff: number of hidden units; must be a multiple of ``block_size``.
+        block_size: units per block (the paper's ``N``); ``d_ff / block_size`` units are active per token.
+        d_lowrank: controller rank; defaults to ``d_ff // block_size`` like the reference code.
+        dropout: dropout on the output.
+        controller: ``"lowrank"`` (the paper's), ``"full"`` or ``"mlp"``; see chapter 2.
+        noise_scale: Gumbel noise multiplier in training (the reference's temperature, 0.1).
+        hard_prob: probability that a training call uses the hard straight-through mask (0.3).
+
+    Parameters are stored so the decode path reads contiguous memory: ``w1`` is ``W1^T`` with one row of
+    ``d_model`` weights per hidden unit, ``w2`` is ``W2`` with one row per hidden unit.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        block_size: int,
+        d_lowrank: int | None = None,
+        dropout: float = 0.0,
+        *,
+        controller: str = "lowrank",
+        noise_scale: float = 0.1,
+        hard_prob: float = 0.3,
+    ):
+        super().__init__()
+        positive_int("d_model", d_model)
+        positive_int("d_ff", d_ff)
+        positive_int("block_size", block_size)
+        if d_ff % block_size != 0:
+            raise ValueError(
+                f"d_ff must be divisible by block_size, got d_ff={d_ff}, block_size={block_size} "
+                f"(remainder {d_ff % block_size})"
+            )
+        if d_lowrank is None:
+            d_lowrank = d_ff // block_size
+        if isinstance(d_lowrank, bool) or not isinstance(d_lowrank, int) or d_lowrank < 1:
+            raise ValueError(f"d_lowrank must be an integer >= 1, got d_lowrank={d_lowrank!r}")
+        if not 0.0 <= hard_prob <= 1.0:
+            raise ValueError(f"hard_prob must be in [0, 1], got hard_prob={hard_prob!r}")
+        if noise_scale < 0:
+            raise ValueError(f"noise_scale must be >= 0, got noise_scale={noise_scale!r}")
+
+        self.d_model, self.d_ff, self.block_size, self.d_lowrank = d_model, d_ff, block_size, d_lowrank
+        self.n_blocks = d_ff // block_size
+        self.noise_scale, self.hard_prob = float(noise_scale), float(hard_prob)
+        self.controller_kind = controller
+
+        self.controller = make_controller(controller, d_model, d_ff, d_lowrank)
+        # W1^T: one contiguous row of d_model weights per hidden unit; no first-layer bias (as the reference).
+        self.w1 = nn.Parameter(torch.empty(d_ff, d_model))
+        # W2: one contiguous row of d_model weights per hidden unit.
+        self.w2 = nn.Parameter(torch.empty(d_ff, d_model))
+        self.b2 = nn.Parameter(torch.zeros(d_model))
+        self.dropout = nn.Dropout(probability("dropout", dropout))
+        # Unit i of block b has flat index b * block_size + i; decode adds this offset to the in-block argmax.
+        self.register_buffer("block_offset", torch.arange(self.n_blocks) * block_size, persistent=False)
+        #: whether the last training call used the hard mask (for tests and chapter 2's experiments)
+        self.last_mask_hard: bool | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same ranges as nn.Linear(d_model, d_ff) and nn.Linear(d_ff, d_model).
+        nn.init.uniform_(self.w1, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
+        nn.init.uniform_(self.w2, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
+        nn.init.zeros_(self.b2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
+            f"n_blocks={self.n_blocks}, d_lowrank={self.d_lowrank}, controller={self.controller_kind!r}"
+        )
+
+    # -- selection ---------------------------------------------------------------------------------
+    def block_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Controller scores reshaped per block: ``(..., n_blocks, block_size)``."""
+        last_dim("x", x, self.d_model)
+        return self.controller(x).unflatten(-1, (self.n_blocks, self.block_size))
+
+    def selected(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat indices (into ``0..d_ff-1``) of the active unit of every block: ``(..., n_blocks)``."""
+        return self.block_logits(x).argmax(dim=-1) + self.block_offset
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask this call applies, ``(..., n_blocks, block_size)``; random in training mode."""
+        logits = self.block_logits(x)
+        if not self.training:
+            self.last_mask_hard = None
+            return F.one_hot(logits.argmax(dim=-1), self.block_size).to(x.dtype)
+        log_p = F.log_softmax(logits, dim=-1)
+        p = log_p.exp()
+        use_hard = bool(torch.rand(()) < self.hard_prob)  # one draw per call, as the reference
+        self.last_mask_hard = use_hard
+        if not use_hard:
+            return p
+        gumbel = -torch.empty_like(log_p).exponential_().log()
+        choice = (log_p + self.noise_scale * gumbel).argmax(dim=-1)
+        hard = F.one_hot(choice, self.block_size).to(p.dtype)
+        return hard + p - p.detach()  # value: one-hot; gradient: through the in-block softmax
+
+    # -- the dense-compute path (training and eval) -------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense compute with a mask: ``relu((x W1) * mask) W2 + b2``. Shapes ``(..., d_model)``."""
+        m = self.mask(x)                                               # (..., n_blocks, block_size)
+        h = F.linear(x, self.w1).unflatten(-1, (self.n_blocks, self.block_size))
+        h = F.relu(h * m).flatten(-2)                                  # (..., d_ff)
+        return self.dropout(h @ self.w2 + self.b2)                     # (..., d_model)
+
+    # -- the sparse path ----------------------------------------------------------------------------
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The sparse computation: touch only the ``n_blocks`` selected rows of ``W1^T`` and ``W2``.
+
+        Equals the eval-mode :meth:`forward` (within float rounding) for any leading shape. It is the
+        inference path; it does not apply dropout and is not meant for training.
+        """
+        last_dim("x", x, self.d_model)
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, self.d_model)                               # (B, d)
+        idx = self.selected(xf)                                        # (B, n_blocks)
+        if xf.shape[0] == 1:                                           # the common decode case
+            w1_rows = self.w1.index_select(0, idx[0])                  # (n_blocks, d)
+            act = F.relu(w1_rows @ xf[0]).unsqueeze(0)                 # (1, n_blocks)
+        else:
+            w1_rows = F.embedding(idx, self.w1)                        # (B, n_blocks, d)
+            act = F.relu(torch.bmm(w1_rows, xf.unsqueeze(-1)).squeeze(-1))  # (B, n_blocks)
+        y = F.embedding_bag(idx, self.w2, per_sample_weights=act, mode="sum")  # (B, d)
+        return (y + self.b2).reshape(*lead, self.d_model)

@@ -1,0 +1,173 @@
+"""Training loop for the language models: AdamW, a tqdm progress bar, periodic evaluation, a history table.
+
+Run it outside Jupyter too::
+
+    python -m sparse_tutorial.train --ff sparse --steps 500
+
+The last line printed is the final validation loss.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import config as run_config
+from .data import TextData, load_tiny_shakespeare
+from .model import ModelConfig, TransformerLM, book_config, seed_config
+
+__all__ = ["TrainConfig", "book_train_config", "seed_train_config", "estimate_loss", "train_lm", "main"]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1     # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_batches: int = 20
+    seed: int = 1337
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got lr={self.lr!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def book_train_config(**overrides) -> TrainConfig:
+    """The book's training run for :func:`sparse_tutorial.model.book_config` (tiny in fast mode)."""
+    base = run_config.pick(
+        default=dict(steps=2000, batch_size=32, lr=2e-3, warmup_steps=100, eval_every=250, eval_batches=20),
+        fast=dict(steps=30, batch_size=8, lr=2e-3, warmup_steps=5, eval_every=15, eval_batches=2),
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def seed_train_config(**overrides) -> TrainConfig:
+    """The earlier project's run: batch 64, lr 3e-4, 6000 steps."""
+    base = dict(steps=6000, batch_size=64, lr=3e-4, warmup_steps=100, eval_every=500, eval_batches=50)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@torch.no_grad()
+def estimate_loss(model: TransformerLM, data: TextData, batch_size: int, batches: int,
+                  seed: int = 0) -> dict[str, float]:
+    """Mean loss over the same ``batches`` random windows of each split (fixed seed, eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(batches):
+            x, y = data.get_batch(split, batch_size, model.cfg.context_length, generator=g)
+            losses.append(model(x, y)[1].item())
+        out[split] = sum(losses) / len(losses)
+    model.train(was_training)
+    return out
+
+
+def _lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_lm(model: TransformerLM, data: TextData, tc: TrainConfig, *, progress: bool = True,
+             desc: str | None = None) -> pd.DataFrame:
+    """Train ``model`` in place; return the history as a DataFrame.
+
+    Columns: ``step``, ``train_loss``, ``val_loss`` (evaluated every ``eval_every`` steps and at the end),
+    ``lr`` and ``sec_per_step`` (mean wall time of the training steps since the previous evaluation).
+    """
+    torch.manual_seed(tc.seed)
+    g = torch.Generator().manual_seed(tc.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.99))
+    rows, step_time, steps_timed = [], 0.0, 0
+    model.train()
+    bar = tqdm(range(tc.steps), desc=desc or f"train {model.cfg.ff} FF", disable=not progress)
+    for step in bar:
+        lr = _lr_at(step, tc)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = data.get_batch("train", tc.batch_size, model.cfg.context_length, generator=g)
+        t0 = time.perf_counter()
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        step_time += time.perf_counter() - t0
+        steps_timed += 1
+        last = step == tc.steps - 1
+        if (step + 1) % tc.eval_every == 0 or last:
+            losses = estimate_loss(model, data, tc.batch_size, tc.eval_batches)
+            rows.append(dict(step=step + 1, train_loss=losses["train"], val_loss=losses["val"], lr=lr,
+                             sec_per_step=step_time / steps_timed))
+            step_time, steps_timed = 0.0, 0
+            bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
+    model.eval()
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(prog="python -m sparse_tutorial.train",
+                                     description="Train a dense- or sparse-FF character model on Tiny Shakespeare.")
+    parser.add_argument("--ff", choices=["dense", "sparse"], default="sparse")
+    parser.add_argument("--qkv", choices=["dense", "multiplicative", "conv"], default="dense")
+    parser.add_argument("--preset", choices=["book", "seed"], default="book",
+                        help="book: the chapter's laptop run; seed: d_model 384, 6 layers, context 256, 6000 steps")
+    parser.add_argument("--steps", type=int, help="override the preset's number of steps")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--save", action="store_true", help="save a checkpoint into the cache folder")
+    args = parser.parse_args(argv)
+
+    overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                       seed=args.seed).items() if v is not None}
+    data = load_tiny_shakespeare()
+    make_cfg, make_tc = (book_config, book_train_config) if args.preset == "book" else (seed_config, seed_train_config)
+    cfg: ModelConfig = make_cfg(ff=args.ff, qkv=args.qkv, vocab_size=len(data.vocab))
+    tc = make_tc(**overrides)
+    torch.manual_seed(tc.seed)
+    model = TransformerLM(cfg)
+    print(f"{args.ff} FF, {args.qkv} QKV, {model.num_params():,} parameters, {tc.steps} steps, "
+          f"{torch.get_num_threads()} threads")
+    history = train_lm(model, data, tc, progress=not args.no_progress)
+    print(history.to_string(index=False))
+    if args.save:
+        from .checkpoint import save_checkpoint
+
+        path = save_checkpoint(model, tc, history)
+        print(f"saved {path}")
+    val = float(history["val_loss"].iloc[-1])
+    print(f"final val loss {val:.4f}")
+    return val
+
+
+if __name__ == "__main__":
+    main()
