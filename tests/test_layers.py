@@ -1,0 +1,178 @@
+"""SparseFF and DenseFF: the decode path, the block structure, training behaviour and argument errors."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_tutorial import DenseFF, SparseFF
+from sparse_tutorial.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
+
+
+@st.composite
+def sparse_ff_case(draw):
+    block_size = draw(st.integers(1, 16))
+    n_blocks = draw(st.integers(1, 12))
+    d_model = draw(st.integers(1, 48))
+    d_lowrank = draw(st.one_of(st.none(), st.integers(1, 16)))
+    controller = draw(st.sampled_from(["lowrank", "full", "mlp"]))
+    lead = draw(st.lists(st.integers(1, 4), min_size=0, max_size=3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return block_size, n_blocks, d_model, d_lowrank, controller, tuple(lead), seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(sparse_ff_case())
+def test_decode_equals_eval_forward(case):
+    block_size, n_blocks, d_model, d_lowrank, controller, lead, seed = case
+    torch.manual_seed(seed)
+    ff = SparseFF(d_model, block_size * n_blocks, block_size, d_lowrank, controller=controller).eval()
+    with torch.no_grad():
+        ff.b2.normal_()  # a non-zero bias must be added exactly once on both paths
+    x = torch.randn(*lead, d_model)
+    with torch.no_grad():
+        dense = ff(x)
+        sparse = ff.decode(x)
+    assert sparse.shape == dense.shape == (*lead, d_model)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d_model,d_ff,block_size", [(1024, 4096, 64), (256, 2048, 32)])
+def test_decode_equals_eval_forward_at_realistic_width(d_model, d_ff, block_size):
+    ff = SparseFF(d_model, d_ff, block_size).eval()
+    for batch in (1, 3):
+        x = torch.randn(batch, d_model)
+        with torch.no_grad():
+            torch.testing.assert_close(ff.decode(x), ff(x), atol=1e-5, rtol=1e-5)
+
+
+def test_exactly_one_active_unit_per_block_in_eval():
+    ff = SparseFF(32, 96, 8).eval()
+    x = torch.randn(50, 32)
+    mask = ff.mask(x)                                    # (50, 12, 8)
+    assert mask.shape == (50, 12, 8)
+    assert torch.equal(mask.sum(-1), torch.ones(50, 12))
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    idx = ff.selected(x)                                 # (50, 12)
+    assert idx.shape == (50, 12)
+    # selected unit b lies in block b, and it is the one the mask switches on
+    assert torch.equal(idx // 8, torch.arange(12).expand(50, 12))
+    assert torch.equal(mask.flatten(-2).argmax(-1, keepdim=True), idx[:, :1])
+    on = mask.flatten(-2).nonzero()[:, 1].view(50, 12)
+    assert torch.equal(on, idx)
+
+
+def test_hidden_activation_has_at_most_one_nonzero_per_block():
+    ff = SparseFF(16, 64, 16).eval()
+    x = torch.randn(40, 16)
+    h = torch.relu((x @ ff.w1.T).view(40, 4, 16) * ff.mask(x))
+    assert ((h != 0).sum(-1) <= 1).all()
+
+
+def test_training_gradients_reach_weights_and_controller():
+    ff = SparseFF(16, 64, 8, d_lowrank=4).train()
+    seen_hard = seen_soft = False
+    for _ in range(40):
+        ff.zero_grad()
+        ff(torch.randn(10, 16)).pow(2).sum().backward()
+        seen_hard |= ff.last_mask_hard is True
+        seen_soft |= ff.last_mask_hard is False
+        for name, p in ff.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+    assert seen_hard and seen_soft
+
+
+def test_hard_mask_values_are_one_hot_and_soft_mask_is_softmax():
+    ff = SparseFF(16, 64, 8).train()
+    x = torch.randn(5, 16)
+    for _ in range(30):
+        m = ff.mask(x)
+        if ff.last_mask_hard:
+            assert torch.allclose(m.sum(-1), torch.ones(5, 8))
+            assert torch.allclose(m.max(-1).values, torch.ones(5, 8))
+        else:
+            torch.testing.assert_close(m, torch.softmax(ff.block_logits(x), -1))
+
+
+def test_hard_soft_mix_happens_at_the_stated_rate():
+    ff = SparseFF(8, 32, 4).train()
+    x = torch.randn(2, 8)
+    n = 4000
+    hard = 0
+    for _ in range(n):
+        ff.mask(x)
+        hard += ff.last_mask_hard
+    rate = hard / n
+    # 0.3 +- 5 standard deviations of a binomial proportion (sd ~ 0.0072)
+    assert abs(rate - 0.3) < 0.036, rate
+
+
+def test_gumbel_noise_scale_zero_picks_the_argmax():
+    ff = SparseFF(8, 32, 4, hard_prob=1.0, noise_scale=0.0).train()
+    x = torch.randn(20, 8)
+    m = ff.mask(x)
+    assert torch.equal(m.detach().argmax(-1), ff.block_logits(x).argmax(-1))
+
+
+def test_unselected_units_get_no_gradient_through_w1_with_hard_mask():
+    ff = SparseFF(8, 32, 8, hard_prob=1.0).train()
+    x = torch.randn(1, 8)
+    torch.manual_seed(3)
+    ff(x).sum().backward()
+    rows_with_grad = (ff.w1.grad.abs().sum(-1) > 0).nonzero().flatten()
+    assert len(rows_with_grad) <= ff.n_blocks
+
+
+def test_dense_ff_matches_formula():
+    ff = DenseFF(12, 40).eval()
+    x = torch.randn(3, 7, 12)
+    expected = torch.relu(x @ ff.w1.weight.T + ff.w1.bias) @ ff.w2.weight.T + ff.w2.bias
+    torch.testing.assert_close(ff(x), expected)
+    torch.testing.assert_close(ff.decode(x), expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(d_model=16, d_ff=100, block_size=16), "d_ff=100, block_size=16"),
+        (dict(d_model=0, d_ff=64, block_size=16), "d_model=0"),
+        (dict(d_model=16, d_ff=-64, block_size=16), "d_ff=-64"),
+        (dict(d_model=16, d_ff=64, block_size=0), "block_size=0"),
+        (dict(d_model=16, d_ff=64, block_size=16, d_lowrank=0), "d_lowrank=0"),
+        (dict(d_model=16, d_ff=64, block_size=16, d_lowrank=-3), "d_lowrank=-3"),
+        (dict(d_model=16, d_ff=64, block_size=16, dropout=1.5), "dropout=1.5"),
+        (dict(d_model=16, d_ff=64, block_size=16, controller="magic"), "controller='magic'"),
+        (dict(d_model=2.5, d_ff=64, block_size=16), "d_model=2.5"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        SparseFF(**kwargs)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["forward", "decode", "selected"])
+def test_wrong_input_width_is_rejected(method):
+    ff = SparseFF(16, 64, 16).eval()
+    with pytest.raises(ValueError, match=r"d_model=16.*\(3, 15\)"):
+        getattr(ff, method)(torch.randn(3, 15))
+
+
+def test_dense_ff_bad_arguments():
+    with pytest.raises(ValueError, match="d_ff=0"):
+        DenseFF(8, 0)
+    with pytest.raises(ValueError, match=r"d_model=8"):
+        DenseFF(8, 16)(torch.randn(2, 9))
+
+
+def test_default_d_lowrank_is_number_of_blocks():
+    assert SparseFF(32, 256, 16).d_lowrank == 16
+
+
+def test_cost_model_matches_the_reference_example():
+    # d=1024, d_ff=4096, N=64, d_lowrank=64: about 18x fewer multiply-adds
+    dense = dense_ff_cost(1024, 4096).macs
+    sparse = sparse_ff_cost(1024, 4096, 64, 64).macs
+    assert dense == 2 * 1024 * 4096
+    assert sparse == 1024 * 64 + 64 * 4096 + 2 * 1024 * 64
+    assert 17.5 < dense / sparse < 18.5
+    assert bytes_limit_ratio(4096, 16384, 64, 128) > 25
