@@ -21,7 +21,7 @@ from . import config as run_config
 from .layers import DenseFF, SparseFF
 
 __all__ = ["ModelConfig", "LayerCache", "ModelCache", "CausalSelfAttention", "Block", "TransformerLM",
-           "cached_attention", "book_config", "seed_config"]
+           "cached_attention", "book_config", "seed_config", "resolve_qkv_modules"]
 
 FF_KINDS = ("dense", "sparse")
 QKV_KINDS = ("dense", "multiplicative", "conv")
@@ -52,9 +52,14 @@ class ModelConfig:
             raise ValueError(f"ff must be one of {FF_KINDS}, got ff={self.ff!r}")
         if self.qkv not in QKV_KINDS:
             raise ValueError(f"qkv must be one of {QKV_KINDS}, got qkv={self.qkv!r}")
-        if self.qkv == "dense" and self.d_model % self.n_heads:
+        if self.qkv in ("dense", "multiplicative") and self.d_model % self.n_heads:
             raise ValueError(f"d_model must be divisible by n_heads, got d_model={self.d_model}, "
                              f"n_heads={self.n_heads}")
+        if self.qkv_modules is not None and (isinstance(self.qkv_modules, bool)
+                                             or not isinstance(self.qkv_modules, int) or self.qkv_modules < 1):
+            raise ValueError(f"qkv_modules must be a positive integer or None, got qkv_modules={self.qkv_modules!r}")
+        if self.qkv != "dense":
+            resolve_qkv_modules(self.d_model, self.qkv_modules)  # d_model % S == 0, or a clear error
         if self.ff == "sparse" and self.d_ff % self.ff_block_size:
             raise ValueError(f"d_ff must be divisible by ff_block_size, got d_ff={self.d_ff}, "
                              f"ff_block_size={self.ff_block_size}")
@@ -63,6 +68,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve_qkv_modules(d_model: int, qkv_modules: int | None) -> int:
+    """The number of modules ``S`` of the sparse QKV layers: ``qkv_modules``, or ``round(sqrt(d_model))``.
+
+    ``S`` must divide ``d_model`` (each module has ``M = d_model / S`` units); otherwise a ValueError says so.
+    """
+    S = round(math.sqrt(d_model)) if qkv_modules is None else qkv_modules
+    if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+        raise ValueError(f"qkv_modules must be a positive integer or None, got qkv_modules={qkv_modules!r}")
+    if d_model % S:
+        hint = " (None means round(sqrt(d_model)); pass qkv_modules explicitly)" if qkv_modules is None else ""
+        raise ValueError(f"d_model must be divisible by qkv_modules, got d_model={d_model}, "
+                         f"qkv_modules={S}{hint}")
+    return S
 
 
 def book_config(ff: str = "dense", **overrides) -> ModelConfig:
@@ -160,10 +180,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
+        """Q, K, V for the new tokens, each ``(B, H, T, hd)``."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)                                  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        return tuple(t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.heads(x)
         y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))

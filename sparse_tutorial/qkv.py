@@ -1,0 +1,271 @@
+"""Sparse QKV attention: the paper's multiplicative layer and its "multiplicative + convolution" attention.
+
+Notation (the paper's): ``d = d_model``, ``S`` modules of width ``M = d / S``. Shapes in comments: ``B`` batch,
+``T`` new tokens in this call, ``P`` cached tokens.
+
+* :class:`MultiplicativeDense` (the reference's ``FactoredDense``): ``u[s, m] = sum_i x_i D[s, i] E[i, m] + b``.
+  ``D`` is ``S x d_in``, ``E`` is ``d_in x M``: ``S*d_in + d_in*M (+ d_out)`` parameters instead of
+  ``d_in*d_out``; at ``S = M = sqrt(d)`` that is ``O(d^1.5)`` instead of ``O(d^2)``, and it can still express
+  any permutation of its input (every output unit may pick any input unit through ``D`` and ``E``).
+* :class:`ModuleConv`: a 2-D convolution over (length, modules) with ``M`` channels, causal in length and
+  zero-padded over modules.
+* :class:`ConvQKVAttention` (the reference's ``MultiplicativeConvCausalAttention``, the paper's sparse QKV):
+  one shared multiplicative layer, then three convolutions (kernel 3 x 3 for Q and K, 3 x 1 for V); heads are
+  the ``S`` modules (head size ``M``); **no output projection**. Decoding keeps the last ``length_kernel - 1``
+  multiplicative outputs, so one new token costs a 3-position convolution, whatever the cache length.
+* :class:`MultiplicativeAttention` (the reference's ``MultiplicativeCausalAttention``, the simple variant):
+  ordinary multi-head attention (``cfg.n_heads`` heads) whose four dense layers Q, K, V and the output
+  projection are each replaced by a multiplicative layer.
+
+:func:`make_sparse_attention` builds the one a :class:`~sparse_tutorial.model.ModelConfig` asks for.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import positive_int, probability
+from .model import LayerCache, ModelConfig, cached_attention, resolve_qkv_modules
+
+__all__ = [
+    "MultiplicativeDense",
+    "ModuleConv",
+    "ConvQKVAttention",
+    "MultiplicativeAttention",
+    "make_sparse_attention",
+    "resolve_qkv_modules",
+    "dense_qkv_params",
+    "multiplicative_dense_params",
+    "multiplicative_qkv_params",
+    "conv_qkv_params",
+    "attention_maps",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter-count formulas (checked against the real modules in tests/test_qkv.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def dense_qkv_params(d_model: int) -> int:
+    """Dense Q, K, V and output projections with biases: ``4 (d^2 + d)``."""
+    return 4 * (d_model * d_model + d_model)
+
+
+def multiplicative_dense_params(d_in: int, d_out: int, n_modules: int, bias: bool = True) -> int:
+    """``S*d_in + d_in*M (+ d_out)`` with ``M = d_out / S``."""
+    return n_modules * d_in + d_in * (d_out // n_modules) + (d_out if bias else 0)
+
+
+def multiplicative_qkv_params(d_model: int, n_modules: int) -> int:
+    """Four multiplicative layers (Q, K, V, output), each ``S*d + d*M + d``."""
+    return 4 * multiplicative_dense_params(d_model, d_model, n_modules)
+
+
+def conv_qkv_params(d_model: int, n_modules: int, length_kernel: int = 3, module_kernel: int = 3) -> int:
+    """Shared multiplicative layer + convolutions for Q, K (``lk x mk``) and V (``lk x 1``), with biases."""
+    M = d_model // n_modules
+    conv = lambda mk: length_kernel * mk * M * M + M  # noqa: E731  (weights + bias of one convolution)
+    return multiplicative_dense_params(d_model, d_model, n_modules) + 2 * conv(module_kernel) + conv(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+
+class MultiplicativeDense(nn.Module):
+    """A dense-like layer with ``S*d_in + d_in*M (+ d_out)`` weights: ``u[s, m] = sum_i x_i D[s,i] E[i,m] + b``.
+
+    Each of the ``S`` modules gates the input with its own vector ``D[s]`` and projects it with the shared
+    matrix ``E`` to ``M = d_out / S`` outputs. The output ``(..., d_out)`` is the ``(S, M)`` grid flattened
+    (module-major); :meth:`forward_modules` returns it unflattened.
+
+    Initialisation as the reference: ``D ~ Normal(0, 0.5^2)``, ``E`` Glorot-uniform, ``b = 0``.
+    """
+
+    def __init__(self, d_in: int, d_out: int, n_modules: int, bias: bool = True):
+        super().__init__()
+        self.d_in = positive_int("d_in", d_in)
+        self.d_out = positive_int("d_out", d_out)
+        self.n_modules = positive_int("n_modules", n_modules)
+        if d_out % n_modules:
+            raise ValueError(f"d_out must be divisible by n_modules, got d_out={d_out}, n_modules={n_modules}")
+        self.d_module = d_out // n_modules
+        self.D = nn.Parameter(torch.randn(n_modules, d_in) * 0.5)      # (S, d_in): per-module gates
+        self.E = nn.Parameter(torch.empty(d_in, self.d_module))         # (d_in, M): shared projection
+        nn.init.xavier_uniform_(self.E)
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None  # (d_out,)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense matrix ``W[i, s*M + m] = D[s, i] E[i, m]``, shape ``(d_in, d_out)``."""
+        return (self.D.t().unsqueeze(-1) * self.E.unsqueeze(1)).reshape(self.d_in, self.d_out)
+
+    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., d_in) -> (..., S, M)``."""
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have last dimension d_in={self.d_in}, got a tensor of shape {tuple(x.shape)}")
+        rows = x.numel() // self.d_in
+        # Both orders cost rows*d_in*d_out multiply-adds; the gated one also touches rows*S*d_in numbers, the
+        # dense one d_in*d_out. Few rows (decoding): gate then project, never building the d_in x d_out matrix.
+        if rows <= self.d_module:
+            u = (x.unsqueeze(-2) * self.D) @ self.E                      # (..., S, d_in) @ (d_in, M) -> (..., S, M)
+        else:
+            u = (x @ self.dense_weight()).unflatten(-1, (self.n_modules, self.d_module))
+        if self.bias is not None:
+            u = u + self.bias.view(self.n_modules, self.d_module)
+        return u
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_modules(x).flatten(-2)                      # (..., d_out)
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_out={self.d_out}, n_modules={self.n_modules}, d_module={self.d_module}, "
+                f"bias={self.bias is not None}")
+
+
+class ModuleConv(nn.Module):
+    """2-D convolution over (length, modules) with ``M`` channels: causal in length, zero-padded over modules.
+
+    Input and output are channels-first ``(B, M, L, S)``; the input must already carry the
+    ``length_kernel - 1`` positions of left context (zeros at the start of a sequence, the cached multiplicative
+    outputs when decoding), so ``L = T + length_kernel - 1`` in and ``T`` out.
+    """
+
+    def __init__(self, d_module: int, length_kernel: int = 3, module_kernel: int = 3):
+        super().__init__()
+        positive_int("d_module", d_module)
+        positive_int("length_kernel", length_kernel)
+        positive_int("module_kernel", module_kernel)
+        if module_kernel % 2 != 1:
+            raise ValueError(f"module_kernel must be odd (same padding over modules), got module_kernel={module_kernel}")
+        self.length_kernel, self.module_kernel = length_kernel, module_kernel
+        self.conv = nn.Conv2d(d_module, d_module, (length_kernel, module_kernel), padding=(0, module_kernel // 2))
+        nn.init.xavier_uniform_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.conv(u)  # (B, M, T + lk - 1, S) -> (B, M, T, S)
+
+
+class ConvQKVAttention(nn.Module):
+    """The paper's sparse QKV: shared multiplicative layer -> 3 convolutions -> attention with ``S`` heads.
+
+    ``forward(x (B, T, C), cache) -> (B, T, C)``. No output projection (the reference's default). With a cache,
+    ``cache.state["conv_context"]`` keeps the last ``length_kernel - 1`` multiplicative outputs ``(B, M, lk-1, S)``.
+    """
+
+    def __init__(self, d_model: int, n_modules: int, length_kernel: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.d_model = positive_int("d_model", d_model)
+        self.n_modules = positive_int("n_modules", n_modules)
+        if d_model % n_modules:
+            raise ValueError(f"d_model must be divisible by n_modules, got d_model={d_model}, n_modules={n_modules}")
+        self.d_module = M = d_model // n_modules
+        self.length_kernel = positive_int("length_kernel", length_kernel)
+        self.mult = MultiplicativeDense(d_model, d_model, n_modules)       # shared by Q, K and V
+        self.conv_q = ModuleConv(M, length_kernel, module_kernel=3)
+        self.conv_k = ModuleConv(M, length_kernel, module_kernel=3)
+        self.conv_v = ModuleConv(M, length_kernel, module_kernel=1)
+        self.dropout = probability("dropout", dropout)
+        self.resid_dropout = nn.Dropout(self.dropout)
+
+    def _conv_input(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
+        """Multiplicative outputs of the new tokens with their left context: ``(B, M, lk - 1 + T, S)``."""
+        B = x.shape[0]
+        u = self.mult.forward_modules(x).permute(0, 3, 1, 2)               # (B, T, S, M) -> (B, M, T, S)
+        ctx = self.length_kernel - 1
+        if ctx == 0:
+            return u
+        past = None if cache is None else cache.state.get("conv_context")
+        if past is None:                                                   # start of the sequence: causal zeros
+            past = u.new_zeros(B, self.d_module, ctx, self.n_modules)
+        full = torch.cat([past, u], dim=2)                                 # (B, M, ctx + T, S)
+        if cache is not None:
+            cache.state["conv_context"] = full[:, :, -ctx:].contiguous()  # only the last lk-1, never the history
+        return full
+
+    def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
+        """Q, K, V for the new tokens, each ``(B, S, T, M)`` (heads = modules); updates the conv state."""
+        full = self._conv_input(x, cache)
+        return tuple(conv(full).permute(0, 3, 2, 1) for conv in (self.conv_q, self.conv_k, self.conv_v))
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.heads(x, cache)                                     # 3 x (B, S, T, M)
+        y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, S, T, M)
+        return self.resid_dropout(y.transpose(1, 2).reshape(B, T, C))      # no output projection
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_modules={self.n_modules}, d_module={self.d_module}, length_kernel={self.length_kernel}"
+
+
+class MultiplicativeAttention(nn.Module):
+    """Multi-head attention whose Q, K, V and output projections are four :class:`MultiplicativeDense` layers.
+
+    The reference's ``MultiplicativeCausalAttention``: ``n_heads`` heads as in dense attention, ``S`` modules
+    per layer (usually ``S = n_heads``), ``4 (S*d + d*M + d)`` parameters.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_modules: int, dropout: float = 0.0):
+        super().__init__()
+        self.d_model = positive_int("d_model", d_model)
+        self.n_heads = positive_int("n_heads", n_heads)
+        if d_model % n_heads:
+            raise ValueError(f"d_model must be divisible by n_heads, got d_model={d_model}, n_heads={n_heads}")
+        self.q, self.k, self.v, self.proj = (MultiplicativeDense(d_model, d_model, n_modules) for _ in range(4))
+        self.dropout = probability("dropout", dropout)
+        self.resid_dropout = nn.Dropout(self.dropout)
+
+    def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
+        """Q, K, V, each ``(B, H, T, hd)``."""
+        B, T, C = x.shape
+        return tuple(layer(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
+                     for layer in (self.q, self.k, self.v))
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.heads(x)
+        y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+def make_sparse_attention(cfg: ModelConfig) -> nn.Module:
+    """The sparse attention layer for ``cfg.qkv`` ("multiplicative" or "conv"), ``S = cfg.qkv_modules``."""
+    S = resolve_qkv_modules(cfg.d_model, cfg.qkv_modules)
+    if cfg.qkv == "conv":
+        return ConvQKVAttention(cfg.d_model, S, length_kernel=3, dropout=cfg.dropout)
+    if cfg.qkv == "multiplicative":
+        return MultiplicativeAttention(cfg.d_model, cfg.n_heads, S, dropout=cfg.dropout)
+    raise ValueError(f"make_sparse_attention needs qkv 'multiplicative' or 'conv', got qkv={cfg.qkv!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Looking inside a trained model
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def attention_maps(model, idx: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """Attention probabilities of every head of block ``layer`` for the token ids ``idx`` ``(T,)`` or ``(1, T)``.
+
+    Returns ``(H, T, T)`` (rows: queries, columns: keys; causal). Works for every QKV kind.
+    """
+    if not 0 <= layer < len(model.blocks):
+        raise ValueError(f"layer must be in [0, {len(model.blocks)}), got layer={layer!r}")
+    idx = idx.view(1, -1)
+    was_training = model.training
+    model.eval()
+    T = idx.shape[1]
+    x = model.tok_emb(idx) + model.pos_emb(torch.arange(T))
+    for block in model.blocks[:layer]:
+        x = block(x)
+    q, k, _ = model.blocks[layer].attn.heads(model.blocks[layer].ln1(x))   # (1, H, T, hd)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])              # (1, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    probs = F.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)[0]
+    model.train(was_training)
+    return probs
