@@ -1,0 +1,153 @@
+"""Shared figure style and the book's recurring plots (parameter splits, rooflines, time per token).
+
+Every function returns a matplotlib ``Figure`` (so :func:`sparse_tutorial.interactive.slider_figure` can
+render it) and takes plain numbers or pandas DataFrames, never a model.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = ["COLORS", "style", "param_split_figure", "roofline_figure", "per_token_figure", "batch_panel"]
+
+#: One colour per concept, the same in every chapter.
+COLORS = {
+    "attention": "#4C72B0",
+    "ff": "#DD8452",
+    "layernorm": "#55A868",
+    "controller": "#8172B3",
+    "measured": "#C44E52",
+    "model": "#333333",
+    "dense": "#DD8452",
+    "sparse": "#4C72B0",
+}
+
+
+def style() -> None:
+    """The book's matplotlib defaults: readable sizes, light grid, no top/right spines."""
+    plt.rcParams.update({
+        "figure.dpi": 100, "savefig.dpi": 100, "font.size": 10, "axes.titlesize": 11,
+        "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+        "legend.frameon": False,
+    })
+
+
+def param_split_figure(table, title: str = "Where one block's parameters live") -> Figure:
+    """Horizontal stacked bars: the share of attention, FF and LayerNorm parameters, one bar per model.
+
+    ``table`` is :func:`sparse_tutorial.params.param_table`'s DataFrame.
+    """
+    parts = [("attention (QKVO)", "attention", "attention (Q, K, V, O)"), ("FF", "ff", "feed-forward"),
+             ("LayerNorm", "layernorm", "LayerNorm")]
+    shares = {col: table[col] / table["block total"] for col, _, _ in parts}
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(table) + 1.4))
+    left = np.zeros(len(table))
+    labels = [f"{name}\n(d_model {d})" for name, d in zip(table.index, table["d_model"])]
+    for col, key, label in parts:
+        vals = shares[col].to_numpy()
+        ax.barh(labels, vals, left=left, color=COLORS[key], label=label)
+        for i, v in enumerate(vals):
+            if v > 0.06:
+                ax.text(left[i] + v / 2, i, f"{v:.0%}", ha="center", va="center", color="white", fontsize=9)
+        left += vals
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the block's parameters")
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(table) < 4 else -0.15), ncol=3)
+    ax.grid(axis="y", visible=False)
+    fig.tight_layout()
+    return fig
+
+
+def _roofline(ax, peak_gflops: float, bandwidth_gbs: float, x_range) -> None:
+    xs = np.logspace(np.log10(x_range[0]), np.log10(x_range[1]), 200)
+    ax.loglog(xs, np.minimum(peak_gflops, bandwidth_gbs * xs), color=COLORS["model"], lw=2,
+              label=f"roofline: min(peak, bandwidth x intensity)")
+    ridge = peak_gflops / bandwidth_gbs
+    ax.axvline(ridge, color=COLORS["model"], ls=":", lw=1)
+    ax.annotate(f"ridge point\n{ridge:.1f} FLOP/byte", (ridge, peak_gflops), xytext=(6, -30),
+                textcoords="offset points", fontsize=8)
+    ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
+    ax.set_ylabel("attainable GFLOP/s")
+
+
+def roofline_figure(peak_gflops: float, bandwidth_gbs: float, points=None, highlight=None,
+                    title: str = "Roofline of this CPU, with the dense FF at each batch size") -> Figure:
+    """The roofline ``min(peak, bandwidth * I)`` on log-log axes, with measured points.
+
+    ``points``: a DataFrame with columns ``batch``, ``FLOP/byte`` and ``GFLOP/s`` (from
+    :func:`sparse_tutorial.timing.dense_ff_batch_sweep`); ``highlight``: a batch size to ring.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _draw_roofline_axes(ax, peak_gflops, bandwidth_gbs, points, highlight)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_roofline_axes(ax, peak_gflops, bandwidth_gbs, points, highlight) -> None:
+    lo, hi = 0.1, 10 * peak_gflops / bandwidth_gbs
+    if points is not None and len(points):
+        lo = min(lo, points["FLOP/byte"].min() / 2)
+        hi = max(hi, points["FLOP/byte"].max() * 2)
+    _roofline(ax, peak_gflops, bandwidth_gbs, (lo, hi))
+    if points is not None and len(points):
+        ax.loglog(points["FLOP/byte"], points["GFLOP/s"], "o-", color=COLORS["measured"], ms=5,
+                  label="dense FF, measured")
+        for b, xi, yi in zip(points["batch"], points["FLOP/byte"], points["GFLOP/s"]):
+            ax.annotate(f"B={b}", (xi, yi), xytext=(4, -11), textcoords="offset points", fontsize=7)
+        if highlight is not None:
+            row = points[points["batch"] == highlight]
+            if len(row):
+                ax.plot(row["FLOP/byte"], row["GFLOP/s"], "o", ms=14, mfc="none", mec=COLORS["measured"], mew=2)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def per_token_figure(sweep, predicted=None, highlight=None,
+                     title: str = "Dense FF: time per token against batch size") -> Figure:
+    """Measured µs per token against batch size (log-log), with the roofline's prediction if given.
+
+    ``predicted``: a sequence of predicted µs per token, one per row of ``sweep``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _draw_per_token_axes(ax, sweep, predicted, highlight)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_per_token_axes(ax, sweep, predicted, highlight) -> None:
+    ax.loglog(sweep["batch"], sweep["µs per token"], "o-", color=COLORS["measured"], label="measured")
+    if predicted is not None:
+        ax.loglog(sweep["batch"], predicted, "--", color=COLORS["model"],
+                  label="roofline prediction: max(bytes/bandwidth, FLOPs/peak) / B")
+    if highlight is not None:
+        row = sweep[sweep["batch"] == highlight]
+        if len(row):
+            ax.plot(row["batch"], row["µs per token"], "o", ms=14, mfc="none", mec=COLORS["measured"], mew=2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size B (tokens per call)")
+    ax.set_ylabel("time per token (µs)")
+    ax.legend(fontsize=8)
+
+
+def batch_panel(sweep, peak_gflops: float, bandwidth_gbs: float, predicted, batch: int) -> Figure:
+    """Two panels for one batch size: where it sits on the roofline, and its time per token."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11.5, 4.3))
+    _draw_roofline_axes(a, peak_gflops, bandwidth_gbs, sweep, batch)
+    a.set_title("Roofline position")
+    _draw_per_token_axes(b, sweep, predicted, batch)
+    b.set_title("Time per token")
+    batches = list(sweep["batch"])
+    if batch not in batches:
+        raise ValueError(f"batch={batch!r} is not one of the measured batch sizes {batches}")
+    pos = batches.index(batch)
+    row = sweep.iloc[pos]
+    pred = float(np.asarray(predicted)[pos])
+    bound = "memory-bound" if row["FLOP/byte"] < peak_gflops / bandwidth_gbs else "compute-bound"
+    fig.suptitle(f"B = {batch}: {row['FLOP/byte']:.1f} FLOP/byte ({bound} side of the ridge); "
+                 f"measured {row['µs per token']:.0f} µs/token, roofline predicts {pred:.0f} µs/token")
+    fig.tight_layout()
+    return fig
