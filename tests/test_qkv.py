@@ -1,0 +1,189 @@
+"""Sparse QKV layers: shapes, parameter counts, argument errors, causality, and the permutation property."""
+import pytest
+import torch
+
+from sparse_tutorial.model import CausalSelfAttention, LayerCache, ModelConfig, TransformerLM
+from sparse_tutorial.qkv import (
+    ConvQKVAttention,
+    ModuleConv,
+    MultiplicativeAttention,
+    MultiplicativeDense,
+    attention_maps,
+    conv_qkv_params,
+    dense_qkv_params,
+    make_sparse_attention,
+    multiplicative_dense_params,
+    multiplicative_qkv_params,
+    resolve_qkv_modules,
+)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -- MultiplicativeDense ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5), (4, 40, 1)])
+def test_multiplicative_dense_matches_its_formula_in_both_orders(lead):
+    layer = MultiplicativeDense(12, 20, 5)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(*lead, 12)
+    want = torch.einsum("...i,si,im->...sm", x, layer.D, layer.E) + layer.bias.view(5, 4)
+    u = layer.forward_modules(x)
+    assert u.shape == (*lead, 5, 4)
+    torch.testing.assert_close(u, want, atol=1e-5, rtol=1e-5)
+    assert layer(x).shape == (*lead, 20)
+    torch.testing.assert_close(layer(x), want.flatten(-2), atol=1e-5, rtol=1e-5)  # module-major layout
+    torch.testing.assert_close(x @ layer.dense_weight() + layer.bias, want.flatten(-2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d_in,d_out,S,bias", [(16, 16, 4, True), (10, 12, 3, False), (1024, 1024, 16, True),
+                                               (64, 32, 8, True)])
+def test_multiplicative_dense_param_count(d_in, d_out, S, bias):
+    layer = MultiplicativeDense(d_in, d_out, S, bias=bias)
+    M = d_out // S
+    assert n_params(layer) == multiplicative_dense_params(d_in, d_out, S, bias) == S * d_in + d_in * M + (d_out if bias else 0)
+
+
+def test_multiplicative_dense_init_follows_the_reference():
+    layer = MultiplicativeDense(256, 256, 16)
+    assert abs(layer.D.std().item() - 0.5) < 0.02
+    assert torch.all(layer.bias == 0)
+
+
+@pytest.mark.parametrize("args,words", [((10, 12, 5), ["d_out=12", "n_modules=5"]),
+                                        ((0, 12, 3), ["d_in=0"]),
+                                        ((12, 12, 0), ["n_modules=0"]),
+                                        ((12, 12, 2.0), ["n_modules=2.0"])])
+def test_multiplicative_dense_bad_arguments(args, words):
+    with pytest.raises(ValueError) as err:
+        MultiplicativeDense(*args)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_multiplicative_dense_rejects_wrong_input_width():
+    with pytest.raises(ValueError, match="d_in=8"):
+        MultiplicativeDense(8, 8, 2)(torch.randn(3, 7))
+
+
+def test_multiplicative_layer_fits_a_permutation():
+    """Any permutation is representable (D picks the module, E the unit); Adam finds one from random init."""
+    torch.manual_seed(0)
+    d, S = 16, 4
+    perm = torch.randperm(d)
+    layer = MultiplicativeDense(d, d, S)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.02)
+    for _ in range(400):
+        x = torch.randn(64, d)
+        loss = torch.mean((layer(x) - x[:, perm]) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = torch.randn(1000, d)
+    with torch.no_grad():
+        err = torch.mean((layer(x) - x[:, perm]) ** 2).item()
+    assert err < 1e-6, f"mean squared error {err:.2e} after 400 Adam steps"
+    assert n_params(layer) < d * d + d  # fewer parameters than a dense layer
+
+
+# -- Convolution and the attention layers ------------------------------------------------------------------
+
+
+def test_module_conv_shapes_and_errors():
+    conv = ModuleConv(6, length_kernel=3, module_kernel=3)
+    assert conv(torch.randn(2, 6, 9, 5)).shape == (2, 6, 7, 5)  # T + 2 in, T out; modules kept
+    with pytest.raises(ValueError, match="module_kernel=2"):
+        ModuleConv(6, module_kernel=2)
+    with pytest.raises(ValueError, match="length_kernel=0"):
+        ModuleConv(6, length_kernel=0)
+
+
+@pytest.mark.parametrize("d,S,expected", [(1024, 16, 169_152), (9216, 64, 2_362_032)])
+def test_conv_qkv_param_count_matches_the_reference(d, S, expected):
+    """Shared multiplicative layer (S*d + d*M + d) + Q, K convs (3*3*M*M + M) + V conv (3*1*M*M + M).
+
+    169,152 is the paper's per-layer count at d=1024, S=16 (M=64); 2.36 M at d=9216, S=64 (M=144).
+    """
+    attn = ConvQKVAttention(d, S)
+    assert n_params(attn) == conv_qkv_params(d, S) == expected
+
+
+def test_multiplicative_and_dense_attention_param_counts():
+    cfg = ModelConfig(d_model=64, n_heads=8, qkv_modules=8)
+    assert n_params(MultiplicativeAttention(64, 8, 8)) == multiplicative_qkv_params(64, 8) == 4 * (8 * 64 + 64 * 8 + 64)
+    assert n_params(CausalSelfAttention(cfg)) == dense_qkv_params(64) == 4 * (64 * 64 + 64)
+    assert dense_qkv_params(1024) == 4_198_400
+
+
+@pytest.mark.parametrize("kind,cls", [("conv", ConvQKVAttention), ("multiplicative", MultiplicativeAttention)])
+def test_make_sparse_attention_shapes(kind, cls):
+    cfg = ModelConfig(d_model=48, n_heads=4, qkv=kind, qkv_modules=6)
+    attn = make_sparse_attention(cfg)
+    assert isinstance(attn, cls)
+    x = torch.randn(3, 7, 48)
+    assert attn(x, None).shape == (3, 7, 48)
+    q, k, v = attn.heads(x)
+    heads = 6 if kind == "conv" else 4
+    assert q.shape == k.shape == v.shape == (3, heads, 7, 48 // heads)
+
+
+def test_default_modules_is_sqrt_d_model():
+    assert resolve_qkv_modules(64, None) == 8
+    assert ModelConfig(d_model=256, n_heads=4, qkv="conv").qkv_modules is None
+    assert TransformerLM(ModelConfig(d_model=64, n_heads=4, n_layers=1, qkv="conv")).blocks[0].attn.n_modules == 8
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (dict(d_model=128, qkv="conv"), ["d_model=128", "qkv_modules=11"]),       # round(sqrt(128)) = 11
+    (dict(d_model=128, qkv="conv", qkv_modules=12), ["qkv_modules=12"]),
+    (dict(d_model=128, qkv="multiplicative", qkv_modules=0), ["qkv_modules=0"]),
+    (dict(d_model=60, n_heads=8, qkv="multiplicative", qkv_modules=6), ["n_heads=8"]),
+])
+def test_model_config_validates_sparse_qkv(overrides, words):
+    with pytest.raises(ValueError) as err:
+        ModelConfig(**overrides)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_conv_attention_needs_no_n_heads_divisibility():
+    cfg = ModelConfig(d_model=60, n_heads=8, qkv="conv", qkv_modules=6)  # heads are the 6 modules
+    assert make_sparse_attention(cfg).n_modules == 6
+
+
+@pytest.mark.parametrize("kind", ["conv", "multiplicative"])
+def test_attention_is_causal(kind):
+    attn = make_sparse_attention(ModelConfig(d_model=32, n_heads=4, qkv=kind, qkv_modules=4)).eval()
+    x = torch.randn(2, 10, 32)
+    x2 = x.clone()
+    x2[:, 6] += torch.randn(2, 32)   # change token 6 only
+    with torch.no_grad():
+        y, y2 = attn(x), attn(x2)
+    torch.testing.assert_close(y[:, :6], y2[:, :6], atol=0, rtol=0)
+    assert (y[:, 6:] - y2[:, 6:]).abs().amax(dim=-1).min() > 1e-6  # the future does change
+
+
+def test_conv_state_keeps_only_the_last_two_outputs():
+    attn = ConvQKVAttention(32, 4).eval()
+    cache = LayerCache()
+    with torch.no_grad():
+        attn(torch.randn(2, 9, 32), cache)
+        assert cache.state["conv_context"].shape == (2, 8, 2, 4)   # (B, M, length_kernel - 1, S)
+        for _ in range(3):
+            attn(torch.randn(2, 1, 32), cache)
+        assert cache.state["conv_context"].shape == (2, 8, 2, 4)
+    assert cache.length == 12
+
+
+def test_attention_maps_are_causal_distributions():
+    model = TransformerLM(ModelConfig(d_model=32, n_heads=4, n_layers=2, qkv="conv", qkv_modules=4))
+    probs = attention_maps(model, torch.randint(0, 65, (9,)), layer=1)
+    assert probs.shape == (4, 9, 9)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4, 9))
+    assert torch.all(probs.triu(diagonal=1) == 0)
+    with pytest.raises(ValueError, match="layer=2"):
+        attention_maps(model, torch.randint(0, 65, (9,)), layer=2)
