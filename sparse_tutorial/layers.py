@@ -111,6 +111,21 @@ def make_controller(kind: str, d_model: int, d_ff: int, d_lowrank: int) -> nn.Mo
 # --------------------------------------------------------------------------------------------------
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns ``hard``; backward hands the gradient to ``soft`` (the straight-through estimator).
+
+    Same values and gradients as ``hard + soft - soft.detach()``, without two full-size tensor passes.
+    """
+
+    @staticmethod
+    def forward(ctx, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return hard
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
 class SparseFF(nn.Module):
     """Sparse feed-forward layer: one active unit in each block of ``block_size`` units.
 
@@ -204,16 +219,30 @@ class SparseFF(nn.Module):
         if not self.training:
             self.last_mask_hard = None
             return F.one_hot(logits.argmax(dim=-1), self.block_size).to(x.dtype)
-        log_p = F.log_softmax(logits, dim=-1)
-        p = log_p.exp()
         use_hard = bool(torch.rand(()) < self.hard_prob)  # one draw per call, as the reference
         self.last_mask_hard = use_hard
+        p = F.softmax(logits, dim=-1)                                  # soft mask, in-block softmax
         if not use_hard:
             return p
-        gumbel = -torch.empty_like(log_p).exponential_().log()
-        choice = (log_p + self.noise_scale * gumbel).argmax(dim=-1)
+        choice = self._sample(logits.detach())                         # (..., n_blocks)
         hard = F.one_hot(choice, self.block_size).to(p.dtype)
-        return hard + p - p.detach()  # value: one-hot; gradient: through the in-block softmax
+        return _StraightThrough.apply(hard, p)  # value: one-hot; gradient: through the in-block softmax
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """The reference's ``argmax(log p + noise_scale * Gumbel)``, drawn without the Gumbel noise.
+
+        The Gumbel-max trick says that argmax is a sample from ``softmax(logits / noise_scale)``; drawing
+        that sample by inverting the in-block CDF with one uniform number per block gives the same
+        distribution for ``block_size`` times fewer random numbers (the noise dominated the training
+        step's cost on a CPU). ``noise_scale = 0`` is the plain argmax.
+        """
+        if self.noise_scale == 0:
+            return logits.argmax(dim=-1)
+        q = F.softmax(logits / self.noise_scale, dim=-1)               # (..., n_blocks, block_size)
+        upper = torch.ones(self.block_size, self.block_size, dtype=q.dtype, device=q.device).triu()
+        cdf = q @ upper                                  # cdf[..., j] = q[..., :j+1].sum(): a cumsum as one matmul
+        u = torch.rand(cdf.shape[:-1] + (1,), dtype=cdf.dtype, device=cdf.device)
+        return (cdf < u).sum(dim=-1).clamp_max(self.block_size - 1)
 
     # -- the dense-compute path (training and eval) -------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
