@@ -8,6 +8,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 __all__ = ["COLORS", "style", "param_split_figure", "roofline_figure", "per_token_figure", "batch_panel"]
 
@@ -64,11 +65,11 @@ def param_split_figure(table, title: str = "Where one block's parameters live") 
 def _roofline(ax, peak_gflops: float, bandwidth_gbs: float, x_range) -> None:
     xs = np.logspace(np.log10(x_range[0]), np.log10(x_range[1]), 200)
     ax.loglog(xs, np.minimum(peak_gflops, bandwidth_gbs * xs), color=COLORS["model"], lw=2,
-              label=f"roofline: min(peak, bandwidth x intensity)")
+              label="roofline: min(peak, bandwidth x intensity)")
     ridge = peak_gflops / bandwidth_gbs
     ax.axvline(ridge, color=COLORS["model"], ls=":", lw=1)
-    ax.annotate(f"ridge point\n{ridge:.1f} FLOP/byte", (ridge, peak_gflops), xytext=(6, -30),
-                textcoords="offset points", fontsize=8)
+    ax.text(ridge * 1.08, 0.04, f"ridge point\n{ridge:.1f} FLOP/byte", transform=ax.get_xaxis_transform(),
+            fontsize=8)
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
     ax.set_ylabel("attainable GFLOP/s")
 
@@ -102,7 +103,7 @@ def _draw_roofline_axes(ax, peak_gflops, bandwidth_gbs, points, highlight) -> No
             row = points[points["batch"] == highlight]
             if len(row):
                 ax.plot(row["FLOP/byte"], row["GFLOP/s"], "o", ms=14, mfc="none", mec=COLORS["measured"], mew=2)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def per_token_figure(sweep, predicted=None, highlight=None,
@@ -128,6 +129,11 @@ def _draw_per_token_axes(ax, sweep, predicted, highlight) -> None:
         if len(row):
             ax.plot(row["batch"], row["µs per token"], "o", ms=14, mfc="none", mec=COLORS["measured"], mew=2)
     ax.set_xscale("log", base=2)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("batch size B (tokens per call)")
     ax.set_ylabel("time per token (µs)")
     ax.legend(fontsize=8)
