@@ -258,16 +258,27 @@ class SparseFF(nn.Module):
 
         Equals the eval-mode :meth:`forward` (within float rounding) for any leading shape. It is the
         inference path; it does not apply dropout and is not meant for training.
+
+        Written for speed at batch 1, where every call pays a fixed cost per PyTorch operation: one token
+        takes eleven matrix-vector and indexing calls (no ``nn.Linear`` wrappers, in-place where possible).
         """
-        last_dim("x", x, self.d_model)
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            last_dim("x", x, self.d_model)                             # raises the clear error
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_model)                               # (B, d)
+        if xf.shape[0] == 1:                                           # one token: matrix-vector products
+            v = xf[0]                                                  # (d,)
+            ctrl = self.controller
+            if isinstance(ctrl, LowRankController):                    # x C1 C2 + c without the wrappers
+                logits = torch.addmv(ctrl.c2.bias, ctrl.c2.weight, torch.mv(ctrl.c1.weight, v))  # (d_ff,)
+            else:
+                logits = ctrl(v)
+            idx = logits.view(self.n_blocks, self.block_size).argmax(-1).add_(self.block_offset)  # (n_blocks,)
+            act = torch.mv(self.w1.index_select(0, idx), v).relu_()   # (n_blocks,)  selected W1 columns
+            y = torch.addmv(self.b2, self.w2.index_select(0, idx).t(), act)  # (d,)  b2 + sum_j act_j W2[k_j]
+            return y.view(*lead, self.d_model)
         idx = self.selected(xf)                                        # (B, n_blocks)
-        if xf.shape[0] == 1:                                           # the common decode case
-            w1_rows = self.w1.index_select(0, idx[0])                  # (n_blocks, d)
-            act = F.relu(w1_rows @ xf[0]).unsqueeze(0)                 # (1, n_blocks)
-        else:
-            w1_rows = F.embedding(idx, self.w1)                        # (B, n_blocks, d)
-            act = F.relu(torch.bmm(w1_rows, xf.unsqueeze(-1)).squeeze(-1))  # (B, n_blocks)
+        w1_rows = F.embedding(idx, self.w1)                            # (B, n_blocks, d)
+        act = torch.bmm(w1_rows, xf.unsqueeze(-1)).squeeze(-1).relu_()  # (B, n_blocks)
         y = F.embedding_bag(idx, self.w2, per_sample_weights=act, mode="sum")  # (B, d)
-        return (y + self.b2).reshape(*lead, self.d_model)
+        return y.add_(self.b2).reshape(*lead, self.d_model)
