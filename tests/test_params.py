@@ -1,6 +1,5 @@
 """Parameter accounting and FF traffic formulas, checked against real modules at small sizes."""
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
