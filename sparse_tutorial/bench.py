@@ -396,8 +396,8 @@ class _Generation:
         self.per_token.append((t2 - t1) / max(1, self.new_tokens))
 
 
-def generate_bench(batch_sizes: Sequence[int] = (1, 8, 64), *, d_model: int = 384, n_layers: int = 6,
-                   prompt_len: int = 100, new_tokens: int = 20, variants: Sequence[str] = MODEL_VARIANTS,
+def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 384, n_layers: int = 6,
+                   prompt_len: int | None = None, new_tokens: int | None = None, variants: Sequence[str] = MODEL_VARIANTS,
                    context_length: int = 256, qkv_modules: int = 16, sparse_decode_max_rows: int | None = None,
                    repeats: int | None = None, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
     """Prefill time of a ``prompt_len``-token prompt and per-token greedy decode time, per batch size.
@@ -406,9 +406,12 @@ def generate_bench(batch_sizes: Sequence[int] = (1, 8, 64), *, d_model: int = 38
     the sparse FF follows the models' rule (:meth:`Block.feed_forward`, ``sparse_decode_max_rows``; pass a
     value to override it). Ratios are ``dense / variant``: above 1 the variant is faster.
     """
+    batch_sizes = pick(default=[1, 8, 64], fast=[1, 8]) if batch_sizes is None else batch_sizes
     batch_sizes = [_positive("batch size", b) for b in batch_sizes]
     if not batch_sizes:
         raise ValueError("batch_sizes must not be empty")
+    prompt_len = pick(default=100, fast=32) if prompt_len is None else prompt_len
+    new_tokens = pick(default=20, fast=8) if new_tokens is None else new_tokens
     variants = list(variants)
     for v in variants:
         _check_choice("variant", v, MODEL_VARIANTS)
@@ -645,16 +648,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-len", type=int, default=128)
 
     s = sub.add_parser("generate", parents=[common], help="whole model: prefill and per-token decode")
-    s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 64 (fast: 1 8)")
     s.add_argument("--d-model", type=int, default=384)
     s.add_argument("--n-layers", type=int, default=6)
-    s.add_argument("--prompt-len", type=int, default=100)
-    s.add_argument("--new-tokens", type=int, default=20)
+    s.add_argument("--prompt-len", type=int, default=None, help="default: 100 (fast: 32)")
+    s.add_argument("--new-tokens", type=int, default=None, help="default: 20 (fast: 8)")
     s.add_argument("--variants", nargs="+", default=list(MODEL_VARIANTS), choices=MODEL_VARIANTS)
     s.add_argument("--sparse-decode-max-rows", type=int, default=None)
 
     s = sub.add_parser("crossover", parents=[common], help="gather vs dense-masked sparse FF, by batch size")
-    s.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=pick(default=[1, 4, 16, 64, 128, 256],
+                                                                       fast=[1, 16, 64]))
     s.add_argument("--d-model", type=int, default=384)
     s.add_argument("--n-layers", type=int, default=6)
 

@@ -269,10 +269,10 @@ class SparseFF(nn.Module):
         if xf.shape[0] == 1:                                           # one token: matrix-vector products
             v = xf[0]                                                  # (d,)
             ctrl = self.controller
-            if isinstance(ctrl, LowRankController):                    # x C1 C2 + c without the wrappers
+            if isinstance(ctrl, LowRankController) and type(ctrl.c1) is nn.Linear and type(ctrl.c2) is nn.Linear:
                 logits = torch.addmv(ctrl.c2.bias, ctrl.c2.weight, torch.mv(ctrl.c1.weight, v))  # (d_ff,)
-            else:
-                logits = ctrl(v)
+            else:                                                      # other controllers, or int8 layers
+                logits = ctrl(xf)[0]
             idx = logits.view(self.n_blocks, self.block_size).argmax(-1).add_(self.block_offset)  # (n_blocks,)
             act = torch.mv(self.w1.index_select(0, idx), v).relu_()   # (n_blocks,)  selected W1 columns
             y = torch.addmv(self.b2, self.w2.index_select(0, idx).t(), act)  # (d,)  b2 + sum_j act_j W2[k_j]
