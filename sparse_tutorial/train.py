@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,7 +22,8 @@ from . import config as run_config
 from .data import TextData, load_tiny_shakespeare
 from .model import ModelConfig, TransformerLM, book_config, seed_config
 
-__all__ = ["TrainConfig", "book_train_config", "seed_train_config", "estimate_loss", "train_lm", "main"]
+__all__ = ["TrainConfig", "book_train_config", "seed_train_config", "estimate_loss", "train_lm",
+           "compare_step_times", "main"]
 
 
 @dataclass
@@ -52,7 +54,7 @@ class TrainConfig:
 def book_train_config(**overrides) -> TrainConfig:
     """The book's training run for :func:`sparse_tutorial.model.book_config` (tiny in fast mode)."""
     base = run_config.pick(
-        default=dict(steps=2000, batch_size=32, lr=2e-3, warmup_steps=100, eval_every=250, eval_batches=20),
+        default=dict(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, eval_every=100, eval_batches=10),
         fast=dict(steps=30, batch_size=8, lr=2e-3, warmup_steps=5, eval_every=15, eval_batches=2),
     )
     base.update(overrides)
@@ -130,6 +132,44 @@ def train_lm(model: TransformerLM, data: TextData, tc: TrainConfig, *, progress:
             bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
     model.eval()
     return pd.DataFrame(rows)
+
+
+def compare_step_times(configs: dict[str, ModelConfig], data: TextData, tc: TrainConfig, *, steps: int = 10,
+                       warmup: int = 2, progress: bool = True) -> pd.DataFrame:
+    """Median seconds of one training step (forward, backward, AdamW) of fresh models, interleaved.
+
+    Every round runs one step of each model on the same batch, so a slow spell of a shared machine hurts
+    all of them alike; the table has ``seconds per step`` and the ratio to the first config.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
+    if not configs:
+        raise ValueError("configs must name at least one model config")
+    runs = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(tc.seed)
+        model = TransformerLM(cfg).train()
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay))
+    g = torch.Generator().manual_seed(tc.seed)
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    context = max(cfg.context_length for cfg in configs.values())
+    for i in tqdm(range(warmup + steps), desc="timing training steps", disable=not progress):
+        x, y = data.get_batch("train", tc.batch_size, context, generator=g)
+        for name, (model, opt) in runs.items():
+            T = model.cfg.context_length
+            t0 = time.perf_counter()
+            _, loss = model(x[:, :T], y[:, :T])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(s) for name, s in samples.items()}
+    first = next(iter(med.values()))
+    return pd.DataFrame({"model": list(med), "seconds per step": list(med.values()),
+                         "ratio to " + next(iter(med)): [m / first for m in med.values()]})
 
 
 def main(argv: list[str] | None = None) -> float:

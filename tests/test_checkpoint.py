@@ -1,0 +1,71 @@
+"""Checkpoints: round trip gives identical logits, a mismatched config is refused, train_or_load reuses."""
+import pytest
+import torch
+
+from sparse_tutorial.checkpoint import (CheckpointMismatchError, checkpoint_path, load_checkpoint,
+                                        save_checkpoint, train_or_load)
+from sparse_tutorial.model import ModelConfig, TransformerLM
+from sparse_tutorial.train import TrainConfig
+
+from test_train import toy_data
+
+
+def cfg(ff="sparse", **kw):
+    base = dict(vocab_size=30, context_length=16, d_model=16, n_heads=2, n_layers=1, d_ff=32, ff_block_size=8,
+                ff=ff)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+TC = TrainConfig(steps=3, batch_size=2, eval_every=3, eval_batches=1)
+
+
+@pytest.mark.parametrize("ff", ["dense", "sparse"])
+def test_round_trip_gives_identical_logits(tmp_path, ff):
+    model = TransformerLM(cfg(ff)).eval()
+    path = save_checkpoint(model, TC, path=tmp_path / "m.pt")
+    loaded, history = load_checkpoint(path, cfg(ff), TC)
+    idx = torch.randint(0, 30, (2, 16))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+    assert history is None and not loaded.training
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("other", [cfg(d_ff=64), cfg(ff="dense"), cfg(ff_block_size=4)])
+def test_mismatched_model_config_is_refused(tmp_path, other):
+    path = save_checkpoint(TransformerLM(cfg()), TC, path=tmp_path / "m.pt")
+    with pytest.raises(CheckpointMismatchError, match="refusing to load"):
+        load_checkpoint(path, other, TC)
+
+
+def test_mismatched_train_config_is_refused_and_named(tmp_path):
+    path = save_checkpoint(TransformerLM(cfg()), TC, path=tmp_path / "m.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"train\.steps: checkpoint has 3, requested 4"):
+        load_checkpoint(path, cfg(), TrainConfig(steps=4, batch_size=2, eval_every=3, eval_batches=1))
+
+
+def test_path_encodes_the_config(tmp_path):
+    a, b = checkpoint_path(cfg(), TC, tmp_path), checkpoint_path(cfg(d_ff=64), TC, tmp_path)
+    assert a != b and a.parent == tmp_path
+    assert "sparseff" in a.name and "ff32" in a.name and "3steps" in a.name
+    assert checkpoint_path(cfg(), TC, tmp_path) == a
+
+
+def test_train_or_load_trains_once_then_loads(tmp_path):
+    data = toy_data()
+    c = cfg(vocab_size=len(data.vocab))
+    m1, h1, loaded1 = train_or_load(c, TC, data, progress=False, folder=tmp_path)
+    m2, h2, loaded2 = train_or_load(c, TC, data, progress=False, folder=tmp_path)
+    assert (loaded1, loaded2) == (False, True)
+    assert h1.equals(h2)
+    idx = torch.randint(0, len(data.vocab), (1, 16))
+    assert torch.equal(m1(idx)[0], m2(idx)[0])
+
+
+def test_train_or_load_refuses_a_wrong_file_at_the_path(tmp_path):
+    data = toy_data()
+    c = cfg(vocab_size=len(data.vocab))
+    wrong = TransformerLM(cfg(vocab_size=len(data.vocab), d_ff=64))
+    save_checkpoint(wrong, TC, path=checkpoint_path(c, TC, tmp_path))
+    with pytest.raises(CheckpointMismatchError):
+        train_or_load(c, TC, data, progress=False, folder=tmp_path)
