@@ -191,7 +191,8 @@ class ConvQKVAttention(nn.Module):
     def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
         """Q, K, V for the new tokens, each ``(B, S, T, M)`` (heads = modules); updates the conv state."""
         full = self._conv_input(x, cache)
-        return tuple(conv(full).permute(0, 3, 2, 1) for conv in (self.conv_q, self.conv_k, self.conv_v))
+        # (B, M, T, S) -> (B, S, T, M); contiguous, or attention's matmuls run on strided memory (many times slower)
+        return tuple(conv(full).permute(0, 3, 2, 1).contiguous() for conv in (self.conv_q, self.conv_k, self.conv_v))
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
