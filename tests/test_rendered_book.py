@@ -128,8 +128,10 @@ MATH_TYPESET_JS = """() => document.querySelectorAll('mjx-container').length
     >= document.querySelectorAll('span.math, div.math').length"""
 
 
-def shown_image(slider):
-    return slider.eval_on_selector("img", "img => img.complete && img.naturalWidth > 0 ? img.src : null")
+def shown_image(slider) -> tuple[str | None, bytes]:
+    """The source and the pixels of the picture a slider figure shows now."""
+    image = slider.query_selector("img")
+    return image.get_attribute("src"), image.screenshot()
 
 
 def check_slider(page, slider, number: int) -> list[str]:
@@ -146,7 +148,7 @@ def check_slider(page, slider, number: int) -> list[str]:
     if float(handle.get_attribute("aria-valuenow")) != 0:
         return [f"slider {number}: the keyboard does not move it to its first position"]
     page.wait_for_function("el => { const i = el.querySelector('img'); return i && i.complete }", arg=slider)
-    before_src, before_png = shown_image(slider), slider.screenshot()
+    before_src, before_png = shown_image(slider)
     for position in range(1, n):
         page.keyboard.press("ArrowRight")
         try:
@@ -156,9 +158,10 @@ def check_slider(page, slider, number: int) -> list[str]:
         except Exception:
             problems.append(f"slider {number}: moving to position {position} did not change the image")
             break
-        after_src, after_png = shown_image(slider), slider.screenshot()
+        after_src, after_png = shown_image(slider)
         if after_png == before_png:
-            problems.append(f"slider {number}: position {position} looks the same as position {position - 1}")
+            problems.append(f"slider {number}: the figure at position {position} looks the same as at "
+                            f"position {position - 1}")
         before_src, before_png = after_src, after_png
     return problems
 
