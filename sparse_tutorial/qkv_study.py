@@ -6,8 +6,6 @@ function returns a matplotlib ``Figure`` (so :func:`sparse_tutorial.interactive.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import replace
 
 import matplotlib.pyplot as plt
@@ -36,7 +34,6 @@ __all__ = [
     "fit_permutation",
     "count_params",
     "matching_d_ff",
-    "compare_train_steps",
     "param_scaling_figure",
     "permutation_fit_figure",
     "loss_curves_figure",
@@ -148,7 +145,7 @@ def fit_permutation(d: int, n_modules: int, *, steps: int = 500, batch_size: int
 
 
 # --------------------------------------------------------------------------------------------------
-# Equal-size models and their training cost
+# Equal-size models
 # --------------------------------------------------------------------------------------------------
 
 
@@ -160,32 +157,6 @@ def matching_d_ff(target_params: int, cfg: ModelConfig, *, max_factor: int = 4) 
     step = cfg.ff_block_size
     candidates = range(step, max_factor * cfg.d_ff + step, step)
     return min(candidates, key=lambda d_ff: (abs(count_params(replace(cfg, d_ff=d_ff)) - target_params), d_ff))
-
-
-def compare_train_steps(models: dict[str, TransformerLM], batch: tuple[torch.Tensor, torch.Tensor], *,
-                        repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of one forward + backward pass of each model on ``batch``, the models interleaved.
-
-    The models are put in training mode for the measurement and back in eval mode after; no weight changes.
-    """
-    x, y = batch
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():
-        model.train()
-    try:
-        for i in range(warmup + repeats):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                _, loss = model(x, y)
-                loss.backward()
-                elapsed = time.perf_counter() - t0
-                model.zero_grad(set_to_none=True)
-                if i >= warmup:
-                    samples[name].append(elapsed)
-    finally:
-        for model in models.values():
-            model.eval()
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 # --------------------------------------------------------------------------------------------------
