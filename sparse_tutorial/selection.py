@@ -246,12 +246,14 @@ def usage_of_model(model: TransformerLM, data: TextData, *, batch_size: int = 8,
 
 
 def compare_variants(variants: list[Variant], cfg: ModelConfig, tc: TrainConfig, data: TextData, *,
-                     progress: bool = True) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+                     progress: bool = True) -> tuple[pd.DataFrame, dict[str, pd.DataFrame],
+                                                     dict[str, TransformerLM]]:
     """Train one model per variant (same data order, optimizer and seed); tabulate loss and unit usage.
 
-    Returns ``(table, histories)``: one table row per variant, and each variant's training history.
+    Returns ``(table, histories, models)``: one table row per variant, each variant's training history and
+    its trained model (in eval mode).
     """
-    rows, histories = [], {}
+    rows, histories, models = [], {}, {}
     for v in variants:
         torch.manual_seed(tc.seed)
         model = TransformerLM(ModelConfig(**{**cfg.to_dict(), "ff": "sparse", "controller": v.controller}))
@@ -269,4 +271,5 @@ def compare_variants(variants: list[Variant], cfg: ModelConfig, tc: TrainConfig,
             "sec/step": hist["sec_per_step"].mean(),
         })
         histories[v.name] = hist
-    return pd.DataFrame(rows), histories
+        models[v.name] = model
+    return pd.DataFrame(rows), histories, models

@@ -127,10 +127,11 @@ def test_compare_variants_table():
     cfg = ModelConfig(vocab_size=len(data.vocab), context_length=16, d_model=16, n_heads=2, n_layers=1, d_ff=32,
                       ff_block_size=8, ff="sparse")
     tc = TrainConfig(steps=3, batch_size=4, eval_every=3, eval_batches=1)
-    table, hist = compare_variants([Variant("paper"), Variant("always hard", hard_prob=1.0),
+    table, hist, models = compare_variants([Variant("paper"), Variant("always hard", hard_prob=1.0),
                                     Variant("full", controller="full")], cfg, tc, data, progress=False)
     assert table["variant"].tolist() == ["paper", "always hard", "full"]
-    assert set(hist) == {"paper", "always hard", "full"}
+    assert set(hist) == set(models) == {"paper", "always hard", "full"}
+    assert models["full"].blocks[0].ff.controller_kind == "full" and not models["paper"].training
     # controller params: low rank 16*4 + 4*32 + 32; full 16*32 + 32
     assert table["controller params"].tolist() == [224, 224, 544]
     assert ((table["units used after"] > 0) & (table["units used after"] <= 1)).all()
