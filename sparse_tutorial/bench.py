@@ -21,7 +21,11 @@ Method, the same everywhere:
   the last-level cache is read, evicting the weights. A decoding model reads each layer's weights once per
   token and the other layers evict them before the next token, so a layer that fits in the cache must not be
   timed from the cache. Whole models are timed as they are (their own layers do the evicting);
-* the machine (CPU model, cores, torch threads) goes into every result.
+* with one torch thread the clock is the thread's **CPU time** (``time.thread_time``), otherwise wall time.
+  On a machine shared with other programs the operating system pauses our thread for theirs; wall time then
+  grows with the length of a call (a 400 ms call is always interrupted, a 50 µs one rarely), which distorts
+  ratios. A single thread's CPU time counts only the time it ran, memory stalls included;
+* the machine (CPU model, torch threads, clock) goes into every result.
 """
 from __future__ import annotations
 
@@ -45,13 +49,13 @@ from .config import pick
 from .costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
 from .layers import DenseFF, SparseFF
 from .model import Block, LayerCache, ModelConfig, TransformerLM, seed_config
-from .timing import last_level_cache_bytes, machine_info, measure_bandwidth
+from .timing import last_level_cache_bytes, machine_info
 
 __all__ = [
     "BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "MODEL_VARIANTS", "DEFAULT_CSV_DIR",
-    "num_threads", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "block_config", "block_decode",
+    "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "ff_rows", "block_config", "block_decode",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
-    "write_csv", "main",
+    "write_csv", "target_table", "main",
 ]
 
 #: Where the command writes its CSV tables (relative to the working directory).
@@ -77,6 +81,15 @@ def num_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def clock() -> Callable[[], float]:
+    """The timer of every measurement: thread CPU time with one torch thread, else wall time (see above)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def clock_name() -> str:
+    return "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
 
 
 class _CacheFlusher:
@@ -105,6 +118,7 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
     _check_counts(repeats, warmup)
     flush = _CacheFlusher() if cold_cache else None
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    now = clock()
     with torch.inference_mode():
         for _ in range(warmup):
             for fn in fns.values():
@@ -113,15 +127,15 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
             for name, fn in fns.items():
                 if flush is not None:
                     flush()
-                t0 = time.perf_counter()
+                t0 = now()
                 fn()
-                samples[name].append(time.perf_counter() - t0)
+                samples[name].append(now() - t0)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def _machine_columns() -> dict[str, object]:
     m = machine_info()
-    return {"cpu": m["cpu"], "threads": m["torch threads"]}
+    return {"cpu": m["cpu"], "threads": m["torch threads"], "clock": clock_name()}
 
 
 def write_csv(df: pd.DataFrame, name: str, out_dir: str | Path | None = None) -> Path:
@@ -160,9 +174,12 @@ def bandwidth(size_mb: int | None = None, repeats: int | None = None) -> pd.Data
     """The machine's memory bandwidth (GB/s) for a large copy (read + write) and a large sum (read only)."""
     size_mb = pick(default=512, fast=128) if size_mb is None else _positive("size_mb", size_mb)
     repeats = pick(default=10, fast=5) if repeats is None else _positive("repeats", repeats)
-    bw = measure_bandwidth(size_mb, repeats)
-    rows = [{"measure": "copy (read + write)", "GB/s": bw["copy GB/s"], "MB": size_mb},
-            {"measure": "sum (read)", "GB/s": bw["read GB/s"], "MB": size_mb}]
+    n = size_mb * (1 << 20) // 4
+    src = torch.ones(n)
+    dst = torch.empty_like(src)
+    t = interleaved({"copy": lambda: dst.copy_(src), "sum": lambda: src.sum()}, repeats=repeats, warmup=2)
+    rows = [{"measure": "copy (read + write)", "GB/s": 2 * 4 * n / t["copy"] / 1e9, "MB": size_mb},
+            {"measure": "sum (read)", "GB/s": 4 * n / t["sum"] / 1e9, "MB": size_mb}]
     return pd.DataFrame([{**r, **_machine_columns()} for r in rows])
 
 
@@ -221,6 +238,30 @@ def ff_sweep(widths: Sequence[int], *, ff_ratio: int = 4, block_size: int = 64,
                              cold_cache=cold_cache))
         _free()
     return pd.DataFrame(rows)
+
+
+def ff_rows(d_model: int, rows: Sequence[int], *, ff_ratio: int = 4, block_size: int = 64,
+            d_lowrank: int | None = None, repeats: int | None = None, warmup: int = 2,
+            progress: bool = True) -> pd.DataFrame:
+    """One FF layer on ``rows`` tokens at once: dense, sparse dense-masked (``forward``) and sparse gather
+    (``decode``), to see where gathering stops paying. Warm cache (the rows of a batch share the weights)."""
+    rows = [_positive("rows", r) for r in rows]
+    if not rows:
+        raise ValueError("rows must not be empty")
+    repeats = pick(default=15, fast=5) if repeats is None else repeats
+    d_ff = ff_ratio * _positive("d_model", d_model)
+    dense = DenseFF(d_model, d_ff).eval()
+    sparse = SparseFF(d_model, d_ff, block_size, d_lowrank).eval()
+    out = []
+    for r in tqdm(rows, desc=f"FF {d_model}: rows", disable=not progress):
+        x = torch.randn(r, d_model)
+        t = interleaved({"dense": lambda: dense(x), "masked": lambda: sparse(x),
+                         "gather": lambda: sparse.decode(x)}, repeats=repeats, warmup=warmup)
+        out.append({"d_model": d_model, "d_ff": d_ff, "block_size": block_size, "rows": r,
+                    "dense ms": t["dense"] * 1e3, "masked ms": t["masked"] * 1e3, "gather ms": t["gather"] * 1e3,
+                    "gather / masked": t["gather"] / t["masked"], "masked / dense": t["masked"] / t["dense"],
+                    **_machine_columns()})
+    return pd.DataFrame(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,16 +423,16 @@ class _Generation:
         self.per_token: list[float] = []
 
     def __call__(self):
-        m = self.model
+        m, now = self.model, clock()
         cache = m.new_cache()
-        t0 = time.perf_counter()
+        t0 = now()
         logits, _ = m(self.prompt, cache=cache)                          # prefill: (B, P, vocab)
         nxt = logits[:, -1].argmax(-1, keepdim=True)                     # (B, 1)
-        t1 = time.perf_counter()
+        t1 = now()
         for _ in range(self.new_tokens):
             logits, _ = m(nxt, cache=cache)                              # one new token per sequence
             nxt = logits[:, -1].argmax(-1, keepdim=True)
-        t2 = time.perf_counter()
+        t2 = now()
         self.prefill.append(t1 - t0)
         self.per_token.append((t2 - t1) / max(1, self.new_tokens))
 
@@ -561,15 +602,15 @@ def train_step(d_model: int = 128, n_layers: int = 4, *, batch_size: int = 32, c
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         steps[ff] = step
-    samples = {k: [] for k in steps}
+    samples, now = {k: [] for k in steps}, clock()
     for _ in range(warmup):
         for fn in steps.values():
             fn()
     for _ in tqdm(range(repeats), desc="train steps", disable=not progress, leave=False):
         for k, fn in steps.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            samples[k].append(time.perf_counter() - t0)
+            samples[k].append(now() - t0)
     med = {k: statistics.median(s) for k, s in samples.items()}
     return pd.DataFrame([{"d_model": d_model, "n_layers": n_layers, "batch_size": batch_size,
                           "context_length": context_length, "dense s per step": med["dense"],
@@ -614,6 +655,61 @@ def quant_bench(batch_sizes: Sequence[int] = (1,), *, d_model: int = 384, n_laye
                          "prefill ms": statistics.median(r.prefill) * 1e3, "decode ms per step": tok * 1e3,
                          "decode speed-up (dense / variant)": base / tok, **_machine_columns()})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# The chapter's targets
+# --------------------------------------------------------------------------------------------------
+
+
+def _block_speedup(df, variant):
+    if df is None:
+        return None
+    return float(df.loc[df["variant"] == variant, "speed-up"].iloc[0])
+
+
+def _gen_value(df, variant, batch, column):
+    if df is None:
+        return None
+    sel = df[(df["variant"] == variant) & (df["batch"] == batch)]
+    return None if sel.empty else float(sel[column].iloc[0])
+
+
+def target_table(*, ff: dict | None = None, block_800m: pd.DataFrame | None = None,
+                 block_17b: pd.DataFrame | None = None, generate: pd.DataFrame | None = None,
+                 train: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The chapter's targets against what this run measured: ``target``, ``measured``, ``met``.
+
+    Arguments are the results of :func:`ff_layer` (d_model 4096, d_ff 16384, N 64, rank 128),
+    :func:`block_decode` at "800m" and "17b", :func:`generate_bench` at the seed's size (batch 1 and 64,
+    100-token prompt) and :func:`train_step`; a missing one shows as "not run".
+    """
+    inv = lambda v: None if v is None else 1.0 / v  # noqa: E731  (speed-up -> time ratio)
+    rows = [
+        ("FF layer 4096 x 16384, N 64, rank 128: share of the bytes limit", ">=", 0.9,
+         None if ff is None else float(ff["share of limit"])),
+        ("800M block: sparse FF + QKV speed-up (paper 3.05x)", ">=", 4.0,
+         _block_speedup(block_800m, "sparse FF + QKV")),
+        ("800M block: sparse FF speed-up (paper 1.9x)", ">=", 2.0, _block_speedup(block_800m, "sparse FF")),
+        ("17B block: sparse FF + QKV speed-up (paper 42.5x)", ">=", 60.0,
+         _block_speedup(block_17b, "sparse FF + QKV")),
+        ("seed size, decode per token, batch 1: sparse FF speed-up", ">=", 1.5,
+         _gen_value(generate, "sparse FF", 1, "decode speed-up (dense / variant)")),
+        ("seed size, decode per token, batch 1: sparse FF + QKV speed-up", ">=", 2.0,
+         _gen_value(generate, "sparse FF + QKV", 1, "decode speed-up (dense / variant)")),
+        ("seed size, prefill: sparse FF time / dense time", "<=", 1.1,
+         _gen_value(generate, "sparse FF", 1, "prefill ratio (variant / dense)")),
+        ("seed size, decode at batch 64: sparse FF time / dense time", "<=", 1.1,
+         inv(_gen_value(generate, "sparse FF", 64, "decode speed-up (dense / variant)"))),
+        ("training step: sparse time / dense time", "<=", 1.15,
+         None if train is None else float(train["sparse / dense"].iloc[0])),
+    ]
+    out = []
+    for name, op, goal, value in rows:
+        met = "not run" if value is None else ("yes" if (value >= goal if op == ">=" else value <= goal) else "NO")
+        out.append({"target": name, "goal": f"{op} {goal:g}",
+                    "measured": "not run" if value is None else f"{value:.2f}", "met": met})
+    return pd.DataFrame(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -718,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             df = _run(args)
             elapsed = time.perf_counter() - t0
-            machine = machine_info()
+            machine = {**machine_info(), "clock": clock_name()}
     except ValueError as e:
         parser.error(str(e))                                  # exit status 2 with the message on stderr
     csv = None if args.no_csv else str(write_csv(df, args.command, args.out_dir))
@@ -726,11 +822,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"command": args.command, "machine": machine, "seconds": elapsed, "csv": csv,
                           "rows": json.loads(df.to_json(orient="records"))}))
     else:
-        shown = df.drop(columns=[c for c in ("cpu", "threads") if c in df.columns])
+        shown = df.drop(columns=[c for c in ("cpu", "threads", "clock") if c in df.columns])
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format",
                                "{:.4g}".format):
             print(f"{args.command}: {machine['cpu']}, {machine['logical cores']} logical cores, torch "
-                  f"{machine['torch']} with {machine['torch threads']} threads ({elapsed:.1f} s)")
+                  f"{machine['torch']} with {machine['torch threads']} threads, timed by {machine['clock']} "
+                  f"({elapsed:.1f} s)")
             print(shown.to_string(index=False))
             if csv:
                 print(f"written: {csv}")

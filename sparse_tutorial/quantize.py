@@ -49,8 +49,7 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as stored: float parameters plus packed int8 linear weights."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for m in model.modules():
-        packed = getattr(m, "_packed_params", None)
-        if packed is not None:
-            w, b = packed._weight_bias()
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            w, b = m.weight(), m.bias()                    # int8 weight (1 byte each), float bias
             total += w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
     return total

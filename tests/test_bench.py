@@ -1,0 +1,169 @@
+"""The benchmark command's output structure (table and --json), its CSV files and its argument errors.
+
+Tiny sizes only; nothing here checks a speed (machines are shared and noisy).
+"""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from sparse_tutorial import bench
+from sparse_tutorial.quantize import quantize_int8, weight_bytes
+
+
+def run(capsys, tmp_path, *args):
+    """Run the command in-process; return (exit status, stdout)."""
+    status = bench.main([*args, "--out-dir", str(tmp_path), "--threads", "1", "--repeats", "1"])
+    return status, capsys.readouterr().out
+
+
+def run_json(capsys, tmp_path, *args):
+    status, out = run(capsys, tmp_path, *args, "--json")
+    assert status == 0
+    return json.loads(out)  # one JSON object and nothing else on stdout
+
+
+TINY = {
+    "bandwidth": ["bandwidth", "--size-mb", "4"],
+    "ff": ["ff", "--d-model", "32", "64", "--block-size", "8"],
+    "block": ["block", "--shape", "tiny", "--cache-len", "4"],
+    "generate": ["generate", "--d-model", "64", "--n-layers", "1", "--batch-sizes", "1", "2",
+                 "--prompt-len", "3", "--new-tokens", "2"],
+    "crossover": ["crossover", "--d-model", "64", "--n-layers", "1", "--batch-sizes", "1", "3"],
+    "train": ["train", "--d-model", "32", "--n-layers", "1", "--batch-size", "2", "--context-length", "8"],
+    "quant": ["quant", "--d-model", "64", "--n-layers", "1"],
+}
+COLUMNS = {
+    "bandwidth": {"measure", "GB/s"},
+    "ff": {"d_model", "dense s", "sparse s", "speed-up", "limit ratio", "share of limit"},
+    "block": {"variant", "ms per token", "speed-up", "paper ms", "paper speed-up"},
+    "generate": {"batch", "variant", "prefill ms", "decode ms per step", "decode speed-up (dense / variant)"},
+    "crossover": {"batch", "dense ms", "sparse gather ms", "sparse masked ms", "gather / masked"},
+    "train": {"dense s per step", "sparse s per step", "sparse / dense"},
+    "quant": {"variant", "decode ms per step", "decode speed-up (dense / variant)"},
+}
+ROWS = {"bandwidth": 2, "ff": 2, "block": 4, "generate": 6, "crossover": 2, "train": 1, "quant": 4}
+
+
+@pytest.mark.parametrize("command", sorted(TINY))
+def test_json_output_has_rows_machine_and_csv(command, capsys, tmp_path):
+    out = run_json(capsys, tmp_path, *TINY[command])
+    assert out["command"] == command
+    assert out["machine"]["torch threads"] == 1
+    assert len(out["rows"]) == ROWS[command]
+    assert COLUMNS[command] <= set(out["rows"][0])
+    for row in out["rows"]:
+        assert row["threads"] == 1 and row["cpu"]
+    csv = pd.read_csv(out["csv"])                     # the same table, written next to the others
+    assert len(csv) == ROWS[command] and COLUMNS[command] <= set(csv.columns)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp file left behind
+
+
+@pytest.mark.parametrize("command", ["ff", "block"])
+def test_table_output_is_readable(command, capsys, tmp_path):
+    status, out = run(capsys, tmp_path, *TINY[command])
+    assert status == 0
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"{command}: ") and "threads" in lines[0]
+    header = lines[1]
+    for col in ("speed-up",):
+        assert col in header
+    assert lines[-1].startswith("written: ") and lines[-1].endswith(f"{command}.csv")
+
+
+def test_block_rows_are_the_papers_four_variants_with_its_ratios(capsys, tmp_path):
+    rows = run_json(capsys, tmp_path, *TINY["block"])["rows"]
+    assert [r["variant"] for r in rows] == list(bench.BLOCK_VARIANTS)
+    assert rows[0]["speed-up"] == 1.0
+    assert bench.PAPER_BLOCK_MS["800m"]["dense"] / bench.PAPER_BLOCK_MS["800m"]["sparse FF + QKV"] == \
+        pytest.approx(3.1, abs=0.05)
+
+
+def test_no_csv_flag(capsys, tmp_path):
+    out = run_json(capsys, tmp_path, *TINY["bandwidth"], "--no-csv")
+    assert out["csv"] is None and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ff", "--d-model", "64", "--block-size", "7"], "d_ff must be divisible by block_size"),
+    (["ff", "--d-model", "0"], "d_model must be a positive integer"),
+    (["ff", "--d-model", "32", "64", "--d-ff", "128", "256", "512"], "--d-ff takes one value or one per"),
+    (["generate", "--d-model", "100"], "d_model must be a multiple of 64"),
+    (["generate", "--d-model", "64", "--prompt-len", "250", "--new-tokens", "10"], "context_length"),
+    (["generate", "--d-model", "64", "--batch-sizes", "0"], "batch size must be a positive integer"),
+    (["bandwidth", "--size-mb", "0"], "size_mb must be a positive integer"),
+    (["bandwidth", "--threads", "0"], "threads must be a positive integer"),
+    (["train", "--repeats", "0"], "repeats must be an integer >= 1"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*args, "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["block", "--shape", "70b"], ["nonsense"], ["block", "--variants", "fast"]])
+def test_unknown_choices_are_refused(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_functions_validate_their_arguments():
+    with pytest.raises(ValueError, match="shape must be one of"):
+        bench.block_config("8b", "dense")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        bench.block_config("tiny", "sparse")
+    with pytest.raises(ValueError, match="widths must not be empty"):
+        bench.ff_sweep([])
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        with bench.num_threads(-1):
+            pass
+
+
+def test_block_config_follows_the_paper():
+    cfg = bench.block_config("17b", "sparse FF + QKV")
+    assert (cfg.d_model, cfg.d_ff, cfg.ff_block_size, cfg.d_lowrank, cfg.qkv, cfg.qkv_modules) == \
+        (9216, 65536, 256, 32, "conv", 64)
+    dense = bench.block_config("800m", "dense")
+    assert (dense.d_model, dense.n_heads, dense.d_ff, dense.ff, dense.qkv) == (1024, 16, 4096, "dense", "dense")
+    assert bench.block_config("800m", "sparse QKV").d_ff == 6144
+
+
+def test_num_threads_restores_the_setting():
+    before = torch.get_num_threads()
+    with bench.num_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_write_csv_is_atomic_and_creates_the_folder(tmp_path):
+    path = bench.write_csv(pd.DataFrame({"a": [1, 2]}), "x", tmp_path / "new" / "dir")
+    assert path.read_text().splitlines() == ["a", "1", "2"]
+    assert [p.name for p in path.parent.iterdir()] == ["x.csv"]
+
+
+def test_target_table_marks_met_missed_and_not_run():
+    block = pd.DataFrame({"variant": list(bench.BLOCK_VARIANTS), "speed-up": [1.0, 2.5, 0.9, 3.0]})
+    table = bench.target_table(block_800m=block, train=pd.DataFrame({"sparse / dense": [1.1]}))
+    met = dict(zip(table["target"], table["met"]))
+    assert met["800M block: sparse FF speed-up (paper 1.9x)"] == "yes"
+    assert met["800M block: sparse FF + QKV speed-up (paper 3.05x)"] == "NO"
+    assert met["training step: sparse time / dense time"] == "yes"
+    assert met["17B block: sparse FF + QKV speed-up (paper 42.5x)"] == "not run"
+
+
+def test_quantized_model_decodes_like_the_float_model():
+    from sparse_tutorial.model import TransformerLM
+
+    model = TransformerLM(bench.model_config("sparse FF", d_model=64, n_layers=1)).eval()
+    q = quantize_int8(model)
+    assert weight_bytes(q) < weight_bytes(model)
+    idx = torch.randint(0, 65, (2, 5))
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = q(idx)
+    assert (a - b).abs().max() < 0.1           # int8 rounding, not a different computation
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.float32   # the original is untouched
