@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from .plots import COLORS, style
 
-__all__ = ["ff_width_figure", "seed_charts_figure", "batch_figure", "SEED_REPORTED"]
+__all__ = ["ff_width_figure", "seed_charts_figure", "batch_figure", "SEED_REPORTED", "SEED_REPORTED_100_TOKENS"]
 
 #: The seed project's reported dense/sparse time ratios (whole-model forward, no cache, untrained models):
 #: quoted from its write-up, not measured here. 1 token: 0.89 at d_model 384, 1.20 at 768; 100 tokens: 0.70
@@ -20,6 +20,9 @@ SEED_REPORTED = pd.DataFrame([
     {"d_model": 384, "tokens": 1, "dense / sparse (seed)": 0.89},
     {"d_model": 768, "tokens": 1, "dense / sparse (seed)": 1.20},
 ])
+
+#: The seed project's reported range of dense/sparse ratios for 100 tokens across its widths.
+SEED_REPORTED_100_TOKENS = (0.35, 0.70)
 
 
 def ff_width_figure(sweep: pd.DataFrame) -> Figure:
@@ -54,12 +57,15 @@ def seed_charts_figure(tokens_df: pd.DataFrame) -> Figure:
         seed_vals = [seed.get(d, np.nan) for d in part["d_model"]]
         if not np.all(np.isnan(seed_vals)):
             ax.plot(x, seed_vals, "D", color=COLORS["dense"], label="seed project (reported)")
+        if t == 100:
+            lo, hi = SEED_REPORTED_100_TOKENS
+            ax.axhspan(lo, hi, color=COLORS["dense"], alpha=0.15, label="seed project (reported range)")
         ax.axhline(1.0, color="grey", lw=1)
         ax.set_xticks(x, [str(d) for d in part["d_model"]])
         ax.set_xlabel("d_model")
         ax.set_ylabel("dense time / sparse time (x)")
         ax.set_title(f"whole forward on {t} token{'s' if t > 1 else ''}, no cache")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left")
     fig.tight_layout()
     return fig
 
