@@ -261,6 +261,8 @@ class SparseFF(nn.Module):
 
         Written for speed at batch 1, where every call pays a fixed cost per PyTorch operation: one token
         takes eleven matrix-vector and indexing calls (no ``nn.Linear`` wrappers, in-place where possible).
+        Up to ``block_size`` tokens both matrices are gathered; beyond, the first layer is one dense product
+        and only ``W2`` is gathered (chapter 5 measures both against the dense-masked :meth:`forward`).
         """
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             last_dim("x", x, self.d_model)                             # raises the clear error
@@ -278,7 +280,13 @@ class SparseFF(nn.Module):
             y = torch.addmv(self.b2, self.w2.index_select(0, idx).t(), act)  # (d,)  b2 + sum_j act_j W2[k_j]
             return y.view(*lead, self.d_model)
         idx = self.selected(xf)                                        # (B, n_blocks)
-        w1_rows = F.embedding(idx, self.w1)                            # (B, n_blocks, d)
-        act = torch.bmm(w1_rows, xf.unsqueeze(-1)).squeeze(-1).relu_()  # (B, n_blocks)
+        if xf.shape[0] <= self.block_size:                             # few tokens: gather both matrices
+            w1_rows = F.embedding(idx, self.w1)                        # (B, n_blocks, d)
+            act = torch.bmm(w1_rows, xf.unsqueeze(-1)).squeeze(-1).relu_()  # (B, n_blocks)
+        else:
+            # Beyond N tokens the gathered W1 rows (B x n_blocks of them) outnumber the d_ff rows of W1: one
+            # dense product is cheaper, then keep each block's selected unit. W2 is still gathered, doing
+            # 1/N of the dense second layer's work.
+            act = F.linear(xf, self.w1).gather(1, idx).relu_()        # (B, d_ff) -> (B, n_blocks)
         y = F.embedding_bag(idx, self.w2, per_sample_weights=act, mode="sum")  # (B, d)
         return y.add_(self.b2).reshape(*lead, self.d_model)

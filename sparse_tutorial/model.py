@@ -220,9 +220,10 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ff = make_ff(cfg)
         #: in eval mode, calls with at most this many tokens (B*T) use SparseFF.decode; more use dense-masked.
-        #: Default N (the block size): up to N rows the gathered rows (rows x d_ff/N) are no more than the
-        #: d_ff rows the dense path reads; chapter 5 measures the crossover (N to 2N at d_model 1024).
-        self.sparse_decode_max_rows = cfg.ff_block_size
+        #: Default: every call. Chapter 5 measures decode (which gathers both matrices up to N tokens and
+        #: beyond that computes the first layer densely and gathers only W2) below the dense-masked path at
+        #: every batch and prompt size; set 0 to force the dense-masked path.
+        self.sparse_decode_max_rows = 1 << 30
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pick the FF path by the number of tokens in the call (see chapter 5)."""
