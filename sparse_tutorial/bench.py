@@ -253,8 +253,9 @@ def ff_sweep(widths: Sequence[int], *, ff_ratio: int = 4, block_size: int = 64,
 def ff_rows(d_model: int, rows: Sequence[int], *, ff_ratio: int = 4, block_size: int = 64,
             d_lowrank: int | None = None, repeats: int | None = None, warmup: int = 2,
             progress: bool = True) -> pd.DataFrame:
-    """One FF layer on ``rows`` tokens at once: dense, sparse dense-masked (``forward``) and sparse gather
-    (``decode``), to see where gathering stops paying. Warm cache (the rows of a batch share the weights)."""
+    """One FF layer on ``rows`` tokens at once: dense, sparse dense-masked (``forward``) and ``SparseFF.decode``
+    (gathers up to ``block_size`` rows, beyond that one dense first-layer product and a gathered ``W2``).
+    Warm cache (the rows of a batch share the weights)."""
     rows = [_positive("rows", r) for r in rows]
     if not rows:
         raise ValueError("rows must not be empty")
@@ -266,11 +267,11 @@ def ff_rows(d_model: int, rows: Sequence[int], *, ff_ratio: int = 4, block_size:
     for r in tqdm(rows, desc=f"FF {d_model}: rows", disable=not progress):
         x = torch.randn(r, d_model)
         t = interleaved({"dense": lambda: dense(x), "masked": lambda: sparse(x),
-                         "gather": lambda: sparse.decode(x)}, repeats=repeats, warmup=warmup)
+                         "decode": lambda: sparse.decode(x)}, repeats=repeats, warmup=warmup)
         out.append({"d_model": d_model, "d_ff": d_ff, "block_size": block_size, "rows": r,
-                    "dense ms": t["dense"] * 1e3, "masked ms": t["masked"] * 1e3, "gather ms": t["gather"] * 1e3,
-                    "gather / masked": t["gather"] / t["masked"], "masked / dense": t["masked"] / t["dense"],
-                    **_machine_columns()})
+                    "dense ms": t["dense"] * 1e3, "masked ms": t["masked"] * 1e3, "decode ms": t["decode"] * 1e3,
+                    "decode / masked": t["decode"] / t["masked"], "decode / dense": t["decode"] / t["dense"],
+                    "masked / dense": t["masked"] / t["dense"], **_machine_columns()})
     return pd.DataFrame(out)
 
 
@@ -512,9 +513,8 @@ def forward_tokens(widths: Sequence[int] = (384, 768, 1536), tokens: Sequence[in
                    progress: bool = True) -> pd.DataFrame:
     """The seed project's measurement, redone: one whole-model forward on ``T`` tokens, **no cache**.
 
-    Dense against sparse FF for every width and token count, interleaved. With one token the sparse model
-    takes its gather path; with more tokens than ``sparse_decode_max_rows`` it computes densely with a mask.
-    """
+    Dense against sparse FF for every width and token count, interleaved. The sparse model runs its FF
+    layers through ``SparseFF.decode`` (the default rule of :meth:`Block.feed_forward`)."""
     widths, tokens = list(widths), [_positive("tokens", t) for t in tokens]
     if not widths or not tokens:
         raise ValueError("widths and tokens must not be empty")
@@ -537,10 +537,10 @@ def forward_tokens(widths: Sequence[int] = (384, 768, 1536), tokens: Sequence[in
 def crossover(batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), *, d_model: int = 384, n_layers: int = 6,
               cache_len: int = 100, repeats: int | None = None, warmup: int = 2,
               progress: bool = True) -> pd.DataFrame:
-    """One decode step of the whole model for ``B`` sequences: the sparse FF's gather path against its
-    dense-masked path (and the dense model), to place ``Block.sparse_decode_max_rows``.
+    """One decode step of the whole model for ``B`` sequences: the sparse FF through ``SparseFF.decode`` against
+    its dense-masked path (and the dense model), to place ``Block.sparse_decode_max_rows``.
 
-    Columns: ms per step of each, and ``gather / masked`` (below 1: gathering is cheaper at that batch).
+    Columns: ms per step of each, and ``decode / masked`` (below 1: the decode path is cheaper at that batch).
     """
     batch_sizes = [_positive("batch size", b) for b in batch_sizes]
     if not batch_sizes:
@@ -553,12 +553,12 @@ def crossover(batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), *, d_model:
     for B in tqdm(batch_sizes, desc="gather vs masked", disable=not progress):
         prompt = torch.randint(0, 65, (B, cache_len))
         steps = {}
-        for name, model, max_rows in (("dense", dense, None), ("gather", sparse, 1 << 30), ("masked", sparse, 0)):
+        for name, model, max_rows in (("dense", dense, None), ("decode", sparse, 1 << 30), ("masked", sparse, 0)):
             steps[name] = _CachedStep(model, prompt, max_rows)
         t = interleaved(steps, repeats=repeats, warmup=warmup)
         rows.append({"d_model": d_model, "batch": B, "dense ms": t["dense"] * 1e3,
-                     "sparse gather ms": t["gather"] * 1e3, "sparse masked ms": t["masked"] * 1e3,
-                     "gather / masked": t["gather"] / t["masked"], **_machine_columns()})
+                     "sparse decode ms": t["decode"] * 1e3, "sparse masked ms": t["masked"] * 1e3,
+                     "decode / masked": t["decode"] / t["masked"], **_machine_columns()})
     return pd.DataFrame(rows)
 
 
@@ -764,7 +764,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", nargs="+", default=list(MODEL_VARIANTS), choices=MODEL_VARIANTS)
     s.add_argument("--sparse-decode-max-rows", type=int, default=None)
 
-    s = sub.add_parser("crossover", parents=[common], help="gather vs dense-masked sparse FF, by batch size")
+    s = sub.add_parser("crossover", parents=[common], help="decode vs dense-masked sparse FF, by batch size")
     s.add_argument("--batch-sizes", type=int, nargs="+", default=pick(default=[1, 4, 16, 64, 128, 256],
                                                                        fast=[1, 16, 64]))
     s.add_argument("--d-model", type=int, default=384)

@@ -71,12 +71,12 @@ def seed_charts_figure(tokens_df: pd.DataFrame) -> Figure:
 
 
 def batch_figure(cross: pd.DataFrame, batch: int) -> Figure:
-    """One decode step of the whole model against batch size; bars for ``batch``: dense, gather, masked."""
+    """One decode step of the whole model against batch size; bars for ``batch``: dense, decode, masked."""
     style()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     b = cross["batch"].to_numpy()
-    ax1.plot(b, cross["dense ms"] / cross["sparse gather ms"], "o-", color=COLORS["sparse"],
-             label="sparse FF, gather path")
+    ax1.plot(b, cross["dense ms"] / cross["sparse decode ms"], "o-", color=COLORS["sparse"],
+             label="sparse FF, decode path")
     ax1.plot(b, cross["dense ms"] / cross["sparse masked ms"], "s--", color=COLORS["controller"],
              label="sparse FF, dense-masked path")
     ax1.axhline(1.0, color="grey", lw=1)
@@ -88,8 +88,8 @@ def batch_figure(cross: pd.DataFrame, batch: int) -> Figure:
     ax1.set_title("One decode step of the whole model")
     ax1.legend()
     row = cross[cross["batch"] == batch].iloc[0]
-    names = ["dense", "sparse\ngather", "sparse\nmasked"]
-    vals = [row["dense ms"], row["sparse gather ms"], row["sparse masked ms"]]
+    names = ["dense", "sparse\ndecode", "sparse\nmasked"]
+    vals = [row["dense ms"], row["sparse decode ms"], row["sparse masked ms"]]
     ax2.bar(names, vals, color=[COLORS["dense"], COLORS["sparse"], COLORS["controller"]])
     ax2.set_ylabel("ms per decode step")
     ax2.set_title(f"batch {batch}: {row['dense ms'] / min(vals[1:]):.2f}x with the better sparse path")

@@ -39,7 +39,7 @@ COLUMNS = {
     "ff": {"d_model", "dense s", "sparse s", "speed-up", "limit ratio", "share of limit"},
     "block": {"variant", "ms per token", "speed-up", "paper ms", "paper speed-up"},
     "generate": {"batch", "variant", "prefill ms", "decode ms per step", "decode speed-up (dense / variant)"},
-    "crossover": {"batch", "dense ms", "sparse gather ms", "sparse masked ms", "gather / masked"},
+    "crossover": {"batch", "dense ms", "sparse decode ms", "sparse masked ms", "decode / masked"},
     "train": {"dense s per step", "sparse s per step", "sparse / dense"},
     "quant": {"variant", "decode ms per step", "decode speed-up (dense / variant)"},
 }
