@@ -277,7 +277,11 @@ class SparseFF(nn.Module):
                 logits = ctrl(xf)[0]
             idx = logits.view(self.n_blocks, self.block_size).argmax(-1).add_(self.block_offset)  # (n_blocks,)
             act = torch.mv(self.w1.index_select(0, idx), v).relu_()   # (n_blocks,)  selected W1 columns
-            y = torch.addmv(self.b2, self.w2.index_select(0, idx).t(), act)  # (d,)  b2 + sum_j act_j W2[k_j]
+            if self.n_blocks * self.d_model < (1 << 19):               # small: copy the rows, one product
+                y = torch.addmv(self.b2, self.w2.index_select(0, idx).t(), act)  # (d,) b2 + sum_j act_j W2[k_j]
+            else:                                                      # large: accumulate rows in place, no copy
+                y = F.embedding_bag(idx.unsqueeze(0), self.w2, per_sample_weights=act.unsqueeze(0),
+                                    mode="sum")[0].add_(self.b2)      # (d,)
             return y.view(*lead, self.d_model)
         idx = self.selected(xf)                                        # (B, n_blocks)
         if xf.shape[0] <= self.block_size:                             # few tokens: gather both matrices
