@@ -27,8 +27,20 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint on disk was made with another configuration than the one asked for."""
 
 
+def _layout(cfg: ModelConfig) -> str:
+    """A digest of the parameter names and shapes the current code builds for ``cfg``.
+
+    It changes when the model code changes (a renamed or reshaped parameter), so a checkpoint written by
+    an older version of the package is never matched to the new code: it is retrained instead.
+    """
+    with torch.device("meta"):  # shapes only, no memory, no initialisation cost
+        state = TransformerLM(cfg).state_dict()
+    layout = ";".join(f"{name}:{tuple(t.shape)}" for name, t in state.items())
+    return hashlib.sha1(layout.encode()).hexdigest()[:12]
+
+
 def _key(cfg: ModelConfig, tc: TrainConfig) -> dict:
-    return {"model": cfg.to_dict(), "train": tc.to_dict()}
+    return {"model": cfg.to_dict(), "train": tc.to_dict(), "layout": {"parameters": _layout(cfg)}}
 
 
 def checkpoint_path(cfg: ModelConfig, tc: TrainConfig, folder: Path | None = None) -> Path:
@@ -64,7 +76,7 @@ def load_checkpoint(path: Path, cfg: ModelConfig, tc: TrainConfig) -> tuple[Tran
     if payload.get("key") != want:
         got = payload.get("key", {})
         diffs = [f"{part}.{k}: checkpoint has {got.get(part, {}).get(k)!r}, requested {v!r}"
-                 for part in ("model", "train") for k, v in want[part].items()
+                 for part in ("model", "train", "layout") for k, v in want[part].items()
                  if got.get(part, {}).get(k) != v]
         raise CheckpointMismatchError(
             f"checkpoint {path} was saved with another configuration ({'; '.join(diffs) or 'unknown key'}); "

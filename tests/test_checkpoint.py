@@ -69,3 +69,13 @@ def test_train_or_load_refuses_a_wrong_file_at_the_path(tmp_path):
     save_checkpoint(wrong, TC, path=checkpoint_path(c, TC, tmp_path))
     with pytest.raises(CheckpointMismatchError):
         train_or_load(c, TC, data, progress=False, folder=tmp_path)
+
+
+def test_checkpoint_from_an_older_model_layout_is_refused(tmp_path):
+    """A file written when the code built other parameters is not loaded, even with an equal config."""
+    path = save_checkpoint(TransformerLM(cfg()), TC, path=tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["key"]["layout"]["parameters"] = "0" * 12
+    torch.save(payload, path)
+    with pytest.raises(CheckpointMismatchError, match="layout.parameters"):
+        load_checkpoint(path, cfg(), TC)
