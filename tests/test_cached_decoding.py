@@ -45,16 +45,26 @@ def test_cached_steps_equal_full_forward(ff, qkv, batch, prefill, max_rows):
 
 
 @pytest.mark.parametrize("ff,qkv", KINDS)
-def test_sparse_decode_path_is_used_for_single_tokens(ff, qkv, monkeypatch):
-    """The step calls go through SparseFF.decode (otherwise the test above would not test it)."""
+@pytest.mark.parametrize("max_rows,prefill_uses_decode", [(1, False), (None, True)])
+def test_sparse_decode_path_is_used_for_single_tokens(ff, qkv, max_rows, prefill_uses_decode, monkeypatch):
+    """The step calls go through SparseFF.decode (otherwise the test above would not test it).
+
+    With ``sparse_decode_max_rows = 1`` the prompt (3 tokens) takes the dense-masked path and only the
+    single-token steps decode sparsely; with the default rule (chapter 5) the prompt decodes sparsely too.
+    """
     model = make_model(ff, qkv)
+    if max_rows is not None:
+        model.sparse_decode_max_rows = max_rows
     calls = []
     for block in model.blocks:
         if hasattr(block.ff, "decode") and ff == "sparse":
             original = block.ff.decode
             monkeypatch.setattr(block.ff, "decode", lambda x, f=original: calls.append(x.shape) or f(x))
     cached_logits(model, torch.randint(0, 29, (1, 6)), prefill=3)
-    assert len(calls) == (3 * model.cfg.n_layers if ff == "sparse" else 0)
+    per_layer = 3 + (1 if prefill_uses_decode else 0)
+    assert len(calls) == (per_layer * model.cfg.n_layers if ff == "sparse" else 0)
+    if ff == "sparse":
+        assert sorted({shape[1] for shape in calls}) == ([1, 3] if prefill_uses_decode else [1])
 
 
 @pytest.mark.parametrize("ff,qkv", KINDS)
