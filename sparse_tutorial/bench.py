@@ -327,14 +327,18 @@ class _BlockStep:
         with torch.inference_mode():                # fill the cache by prefilling random positions
             self.cache = LayerCache()
             self.block(torch.randn(1, cache_len, cfg.d_model), self.cache)
-        self.saved = (self.cache.k.contiguous(), self.cache.v.contiguous(), dict(self.cache.state))
+            self.saved_state = dict(self.cache.state)
+            self.block(torch.randn(1, 1, cfg.d_model), self.cache)    # one step, so the buffers have room
+        self.cache.truncate(cache_len)
+        self.cache_len = cache_len
         self.xs = torch.randn(n_inputs, 1, 1, cfg.d_model)              # (n_inputs, B=1, T=1, C)
         self.i = 0
         self.params = sum(p.numel() for p in self.block.parameters())
 
     def __call__(self):
         c = self.cache
-        c.k, c.v, c.state = self.saved[0], self.saved[1], dict(self.saved[2])
+        c.truncate(self.cache_len)                  # the new position is written in place, as in real decoding
+        c.state = dict(self.saved_state)
         self.i = (self.i + 1) % len(self.xs)
         return self.block(self.xs[self.i], c)
 
@@ -568,14 +572,18 @@ class _CachedStep:
     def __init__(self, model: TransformerLM, prompt: torch.Tensor, max_rows: int | None):
         self.model, self.max_rows = model, max_rows
         self.cache = model.new_cache()
+        self.tok = torch.randint(0, model.cfg.vocab_size, (prompt.shape[0], 1))
         with torch.inference_mode():
             model(prompt, cache=self.cache)
-        self.saved = [(lc.k.contiguous(), lc.v.contiguous(), dict(lc.state)) for lc in self.cache.layers]
-        self.tok = torch.randint(0, model.cfg.vocab_size, (prompt.shape[0], 1))
+            saved = [dict(lc.state) for lc in self.cache.layers]
+            model(self.tok, cache=self.cache)                          # one step, so the buffers have room
+        self.prompt_len = prompt.shape[1]
+        self.saved = saved
 
     def __call__(self):
-        for lc, (k, v, st) in zip(self.cache.layers, self.saved):
-            lc.k, lc.v, lc.state = k, v, dict(st)
+        for lc, st in zip(self.cache.layers, self.saved):
+            lc.truncate(self.prompt_len)            # the new position is written in place, as in real decoding
+            lc.state = dict(st)
         if self.max_rows is not None:
             self.model.sparse_decode_max_rows = self.max_rows
         return self.model(self.tok, cache=self.cache)

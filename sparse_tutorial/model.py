@@ -11,7 +11,7 @@ the FF layers. The rule that picks the path lives in :meth:`Block.feed_forward`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,21 +110,75 @@ def seed_config(ff: str = "dense", **overrides) -> ModelConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
 class LayerCache:
     """What one attention layer keeps between calls: keys, values and any extra state.
 
     ``k``, ``v``: ``(B, H, P, hd)`` or None before the first call. ``state`` holds layer-specific
     tensors (chapter 4's convolution keeps its last inputs there).
+
+    The keys and values live in buffers with room for more positions: :meth:`append` writes the new ones in
+    place and ``k``/``v`` are views of the filled part. A buffer that is full is replaced by one twice as long,
+    so a decoding step copies only its own keys and values, not the whole history (``torch.cat`` would).
     """
 
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    state: dict = field(default_factory=dict)
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None, state: dict | None = None):
+        self._k = self._v = None          # (B, H, capacity, hd) buffers; positions [0, length) are filled
+        self._length = 0
+        self.k, self.v = k, v
+        self.state = {} if state is None else state
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, :self._length]
+
+    @k.setter
+    def k(self, value: torch.Tensor | None) -> None:
+        self._k = value
+        self._length = 0 if value is None else value.shape[-2]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, :self._length]
+
+    @v.setter
+    def v(self, value: torch.Tensor | None) -> None:
+        self._v = value
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[-2]
+        return self._length
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (the buffers are kept and overwritten by later calls)."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self._length:
+            raise ValueError(f"length must be an integer in [0, {self._length}], got length={length!r}")
+        self._length = length
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the keys and values of ``T`` new positions ``(B, H, T, hd)``; return all of them ``(B, H, P+T, hd)``."""
+        P, T = self._length, k.shape[-2]
+        n = P + T
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Autograd: no in-place writes into tensors an earlier call may have saved for backward.
+            k_all = k if P == 0 else torch.cat([self.k, k], dim=-2)
+            v_all = v if P == 0 else torch.cat([self.v, v], dim=-2)
+            self._k, self._v, self._length = k_all, v_all, n
+            return k_all, v_all
+        buf = self._k
+        if (buf is None or P == 0 or n > buf.shape[-2] or buf.shape[:2] != k.shape[:2]
+                or buf.shape[-1] != k.shape[-1] or buf.dtype != k.dtype or buf.device != k.device
+                or self._v is None or self._v.shape[-2] != buf.shape[-2]):
+            capacity = max(n, 2 * P)                                   # room for as many new positions as old
+            new_k = k.new_empty(k.shape[:2] + (capacity, k.shape[-1]))
+            new_v = v.new_empty(v.shape[:2] + (capacity, v.shape[-1]))
+            if P:
+                new_k[:, :, :P].copy_(self._k[:, :, :P])
+                new_v[:, :, :P].copy_(self._v[:, :, :P])
+            self._k, self._v = new_k, new_v
+        self._k[:, :, P:n].copy_(k)
+        self._v[:, :, P:n].copy_(v)
+        self._length = n
+        return self._k[:, :, :n], self._v[:, :, :n]
 
 
 class ModelCache:
@@ -145,16 +199,14 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: L
                      dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention of ``T`` new queries over the cached and the new keys.
 
-    q, k, v: ``(B, H, T, hd)`` for the new positions; the cache (if any) is extended with k and v.
+    q, k, v: ``(B, H, T, hd)`` for the new positions; the cache (if any) is extended with k and v
+    (:meth:`LayerCache.append`).
     Returns ``(B, H, T, hd)``.
     """
     past = 0
     if cache is not None:
         past = cache.length
-        if cache.k is not None:
-            k = torch.cat([cache.k, k], dim=-2)   # (B, H, P+T, hd)
-            v = torch.cat([cache.v, v], dim=-2)
-        cache.k, cache.v = k, v
+        k, v = cache.append(k, v)                 # (B, H, P+T, hd), written in place into the cache's buffers
     T, S = q.shape[-2], k.shape[-2]
     if past == 0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
