@@ -191,8 +191,27 @@ class ConvQKVAttention(nn.Module):
     def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
         """Q, K, V for the new tokens, each ``(B, S, T, M)`` (heads = modules); updates the conv state."""
         full = self._conv_input(x, cache)
+        if not torch.is_grad_enabled():                                    # inference: one convolution, not three
+            w, b = self._merged_conv()
+            B, T = x.shape[0], full.shape[2] - (self.length_kernel - 1)
+            y = F.conv2d(full, w, b, padding=(0, w.shape[-1] // 2))         # (B, 3M, T, S)
+            # (B, 3, M, T, S) -> (3, B, S, T, M): one copy makes Q, K and V contiguous
+            return y.view(B, 3, self.d_module, T, self.n_modules).permute(1, 0, 4, 3, 2).contiguous().unbind(0)
         # (B, M, T, S) -> (B, S, T, M); contiguous, or attention's matmuls run on strided memory (many times slower)
         return tuple(conv(full).permute(0, 3, 2, 1).contiguous() for conv in (self.conv_q, self.conv_k, self.conv_v))
+
+    def _merged_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Q, K and V convolutions as one: weight ``(3M, M, lk, mk)`` (V's ``lk x 1`` kernel zero-padded to
+        ``mk`` modules), bias ``(3M,)``. Rebuilt only when a weight changes (training, loading)."""
+        convs = [c.conv for c in (self.conv_q, self.conv_k, self.conv_v)]
+        key = tuple((t.data_ptr(), t._version) for c in convs for t in (c.weight, c.bias))
+        cached = getattr(self, "_merged", None)
+        if cached is None or cached[0] != key:
+            mk = max(c.weight.shape[-1] for c in convs)
+            w = torch.cat([F.pad(c.weight, ((mk - c.weight.shape[-1]) // 2,) * 2) for c in convs]).detach()
+            b = torch.cat([c.bias for c in convs]).detach()
+            cached = self._merged = (key, w, b)
+        return cached[1], cached[2]
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
