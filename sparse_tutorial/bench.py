@@ -10,7 +10,8 @@
     python -m sparse_tutorial.bench quant
 
 Add ``--json`` for one JSON object on stdout instead of the table, ``--threads N`` to set torch's thread
-count. Every command also writes its table as ``_build/bench/<command>.csv`` (``--out-dir`` to change).
+count (default 1, the setting of chapter 5; with two threads on a two-core machine that also runs other
+programs, a batch-1 decoding step measured many times slower). Every command also writes its table as ``_build/bench/<command>.csv`` (``--out-dir`` to change).
 
 Method, the same everywhere:
 
@@ -742,7 +743,11 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Reproduce chapter 5's measurements (tables; --json for JSON).")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    common.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1, as chapter 5: at batch 1 a token is a chain of small "
+                             "operations, and with more threads each waits for the slowest thread, which on a "
+                             "machine shared with other programs dominates; one thread is also timed by its own "
+                             "CPU time, see the module docstring)")
     common.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     common.add_argument("--out-dir", default=str(DEFAULT_CSV_DIR), help="folder for the CSV table")
     common.add_argument("--no-csv", action="store_true", help="do not write the CSV table")
