@@ -176,3 +176,14 @@ def test_cost_model_matches_the_reference_example():
     assert sparse == 1024 * 64 + 64 * 4096 + 2 * 1024 * 64
     assert 17.5 < dense / sparse < 18.5
     assert bytes_limit_ratio(4096, 16384, 64, 128) > 25
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 1000])
+def test_decode_gathers_w1_rows_in_chunks_exactly(chunk_rows):
+    """One token's selected W1 rows are gathered a chunk at a time into a reused buffer; any chunk size is exact."""
+    ff = SparseFF(16, 64, 4).eval()                                  # 16 selected rows per token
+    ff.GATHER_CHUNK_BYTES = chunk_rows * 16 * 4
+    for _ in range(3):                                               # the buffer is reused across calls
+        x = torch.randn(1, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(ff.decode(x), ff(x), atol=1e-5, rtol=1e-5)

@@ -187,3 +187,19 @@ def test_attention_maps_are_causal_distributions():
     assert torch.all(probs.triu(diagonal=1) == 0)
     with pytest.raises(ValueError, match="layer=2"):
         attention_maps(model, torch.randint(0, 65, (9,)), layer=2)
+
+
+def test_merged_inference_conv_equals_the_three_convolutions_and_follows_weight_updates():
+    """Inference runs Q, K, V as one merged convolution, cached; it must track every change of the weights."""
+    attn = make_sparse_attention(ModelConfig(d_model=48, n_heads=4, qkv="conv", qkv_modules=6))
+    x = torch.randn(2, 5, 48)
+    for _ in range(2):
+        with torch.enable_grad():
+            separate = [t.detach() for t in attn.heads(x)]       # autograd on: the three convolutions
+        with torch.no_grad():
+            merged = attn.heads(x)                               # autograd off: the merged kernel
+        for a, b in zip(separate, merged):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        with torch.no_grad():                                    # an optimizer step or load_state_dict
+            for p in attn.parameters():
+                p.add_(0.1 * torch.randn_like(p))
