@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--qkv", choices=["dense", "multiplicative", "conv"], default="dense")
     parser.add_argument("--preset", choices=["book", "seed"], default="book",
                         help="book: the chapter's laptop run; seed: d_model 384, 6 layers, context 256, 6000 steps")
+    parser.add_argument("--block-size", type=int,
+                        help="override the preset's FF block size N (d_ff / N units active per token)")
     parser.add_argument("--steps", type=int, help="override the preset's number of steps")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> float:
                                        seed=args.seed).items() if v is not None}
     data = load_tiny_shakespeare()
     make_cfg, make_tc = (book_config, book_train_config) if args.preset == "book" else (seed_config, seed_train_config)
-    cfg: ModelConfig = make_cfg(ff=args.ff, qkv=args.qkv, vocab_size=len(data.vocab))
+    model_overrides = {} if args.block_size is None else {"ff_block_size": args.block_size}
+    cfg: ModelConfig = make_cfg(ff=args.ff, qkv=args.qkv, vocab_size=len(data.vocab), **model_overrides)
     tc = make_tc(**overrides)
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg)

@@ -79,3 +79,19 @@ def test_cli_last_line_is_the_val_loss(shared_data, ff):
     last = out.getvalue().strip().splitlines()[-1]
     assert last == f"final val loss {val:.4f}"
     assert 0 < val < 10
+
+
+def test_cli_block_size_reaches_the_model(shared_data, monkeypatch):
+    import sparse_tutorial.train as train_mod
+
+    seen = []
+    real = train_mod.train_lm
+    monkeypatch.setattr(train_mod, "train_lm", lambda model, *a, **k: seen.append(model.cfg) or real(model, *a, **k))
+    with redirect_stdout(io.StringIO()):
+        main(["--ff", "sparse", "--block-size", "8", "--steps", "1", "--batch-size", "2", "--no-progress"])
+    assert seen[0].ff_block_size == 8
+
+
+def test_cli_bad_block_size_is_refused(shared_data):
+    with pytest.raises(ValueError, match="ff_block_size"):
+        main(["--ff", "sparse", "--block-size", "7", "--steps", "1", "--no-progress"])
