@@ -10,6 +10,16 @@ Serves the built site (``_build/html``, or ``$BOOK_HTML_DIR``) on 127.0.0.1 and 
   with the keyboard, and each move must change the picture shown;
 * a full-page screenshot goes to ``_build/screenshots/`` (or ``$BOOK_SCREENSHOTS_DIR``).
 
+Each page gets its own browser context (no cookies, storage or cache shared between pages).
+
+The test never waits for Playwright's "networkidle". That state is lost for good when a page is quiet for 500 ms
+before its ``load`` event and then makes a request that ends before ``load`` (a slow first parse of a chapter,
+then its fonts): Playwright drops "networkidle" at ``load`` and never fires it again, and the wait times out.
+This made ``make test`` fail at random on fresh machines (``test_quiet_wait_survives_early_idle`` has such a page).
+Instead the test waits for what it checks (document and fonts loaded, widgets rendered, math typeset, images
+decoded) and for its own count of the page's open requests to stay at zero; a timeout names the page and the
+requests still open.
+
 ``make test`` runs this after building the book. Standalone it skips, saying why, when there is no built book
 or no Chromium.
 """
@@ -21,6 +31,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -38,6 +49,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--
 NOT_PAGES = {"_static", "_sources", "_images", "vendor", "screenshots"}
 REDIRECT = re.compile(r'http-equiv="refresh"\s+content="\d+;\s*url=([^"]+)"', re.IGNORECASE)
 NO_BOOK = "no built book"
+PAGE_TIMEOUT_MS = 30_000
 
 
 def book_pages() -> list[str]:
@@ -74,22 +86,61 @@ def site():
 
 
 @pytest.fixture(scope="module")
-def browser(site, tmp_path_factory):
-    """A headless Chromium with a fresh profile, or a skip that says how to install one."""
+def browser():
+    """A headless Chromium (a fresh temporary profile), or a skip that says how to install one."""
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("the browser test needs Chromium: `apt-get install -y chromium` as root (`make test` does "
                     "this when it runs as root), or set CHROMIUM=/path/to/chromium")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (see requirements.txt)")
     with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=chromium, headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900}, service_workers="block")
-        context.set_default_timeout(30_000)
+        launched = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
         try:
-            yield context
+            yield launched
         finally:
-            context.close()
+            launched.close()
+
+
+@pytest.fixture
+def context(browser):
+    """A new browser context for each test: no state leaks from one page to the next."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+    ctx.set_default_timeout(PAGE_TIMEOUT_MS)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+class Requests:
+    """The page's open requests, counted from Playwright's request events (our own "network idle")."""
+
+    def __init__(self, page):
+        self.page = page
+        self.open: dict[int, tuple[str, str, float]] = {}   # id -> (resource type, url, start time)
+        self.last_change = time.monotonic()
+        page.on("request", self._start)
+        page.on("requestfinished", self._end)
+        page.on("requestfailed", self._end)
+
+    def _start(self, request) -> None:
+        self.open[id(request)] = (request.resource_type, request.url, time.monotonic())
+        self.last_change = time.monotonic()
+
+    def _end(self, request) -> None:
+        self.open.pop(id(request), None)
+        self.last_change = time.monotonic()
+
+    def wait_quiet(self, when: str, quiet_s: float = 0.5, timeout_s: float = PAGE_TIMEOUT_MS / 1000) -> list[str]:
+        """Wait until no request has been open for ``quiet_s``; on timeout, name every request still open."""
+        deadline = time.monotonic() + timeout_s
+        while self.open or time.monotonic() - self.last_change < quiet_s:
+            if time.monotonic() > deadline:
+                now = time.monotonic()
+                still = [f"{kind} {url[:120]} (open {now - t0:.1f} s)" for kind, url, t0 in self.open.values()]
+                return [f"{when}: requests still open after {timeout_s:.0f} s: " + "; ".join(still or ["none"])]
+            self.page.wait_for_timeout(50)   # lets Playwright deliver the page's events
+        return []
 
 
 def watch(page, site: str) -> list[str]:
@@ -126,6 +177,7 @@ WIDGETS_RENDERED_JS = """() => [...document.querySelectorAll('script[type="appli
     .every(s => s.parentElement.querySelector('.lm-Widget, .widget-error') !== null)"""
 MATH_TYPESET_JS = """() => document.querySelectorAll('mjx-container').length
     >= document.querySelectorAll('span.math, div.math').length"""
+DOCUMENT_READY_JS = """async () => { await document.fonts.ready; return document.readyState === 'complete' }"""
 
 
 def shown_image(slider) -> tuple[str | None, bytes]:
@@ -167,17 +219,20 @@ def check_slider(page, slider, number: int) -> list[str]:
 
 
 @pytest.mark.parametrize("page_path", book_pages())
-def test_page_in_browser(page_path, site, browser):
+def test_page_in_browser(page_path, site, context):
     html = (HTML / page_path).read_text(encoding="utf-8", errors="replace")
     if (redirect := REDIRECT.search(html)) is not None:  # e.g. index.html -> the first page
         target = (HTML / page_path).parent / redirect.group(1).split("#")[0]
         assert target.is_file(), f"{page_path} redirects to a missing page {redirect.group(1)}"
         return
-    page = browser.new_page()
+    page = context.new_page()
     problems = watch(page, site)
+    requests = Requests(page)
     try:
         page.goto(f"{site}/{page_path}", wait_until="load")
-        page.wait_for_load_state("networkidle")
+        if not page.evaluate(DOCUMENT_READY_JS):
+            problems.append("the document did not finish loading")
+        problems += requests.wait_quiet("after load")
         if 'application/vnd.jupyter.widget-view+json' in html:
             try:
                 page.wait_for_function(WIDGETS_RENDERED_JS, timeout=20_000)
@@ -198,10 +253,75 @@ def test_page_in_browser(page_path, site, browser):
         for number, slider in enumerate(sliders, start=1):
             slider.scroll_into_view_if_needed()
             problems += check_slider(page, slider, number)
-        page.wait_for_load_state("networkidle")
+        problems += requests.wait_quiet("after the sliders")  # late failures and errors are still caught
     finally:
         page.close()
     assert not problems, f"{page_path}:\n  " + "\n  ".join(problems)
+
+
+#: A page that is quiet for over 500 ms before ``load``, then makes a request that ends before ``load``: the
+#: order of events by which a chapter page lost Playwright's "networkidle" on a slow first run.
+EARLY_IDLE_PAGE = {
+    "/": b'<html><head><script defer src="/slow.js"></script></head><body><p>early idle</p></body></html>',
+    "/slow.js": b'let t = Date.now(); while (Date.now() - t < 1200) {}\n'
+                b'const x = new XMLHttpRequest(); x.open("GET", "/data.txt", false); x.send();\n',
+    "/data.txt": b"ok",
+    "/hangs": b'<html><body><script>fetch("/slow-resource")</script></body></html>',
+}
+
+
+@pytest.fixture(scope="module")
+def early_idle_site():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow-resource":
+                time.sleep(4)
+            body = EARLY_IDLE_PAGE.get(self.path, b"slow" if self.path == "/slow-resource" else None)
+            try:
+                self.send_response(200 if body else 404)
+                self.end_headers()
+                self.wfile.write(body or b"")
+            except (BrokenPipeError, ConnectionResetError):  # the test closed the page first
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_quiet_wait_survives_early_idle(early_idle_site, context):
+    """The page on which Playwright's "networkidle" never came (Playwright 1.65): our own wait returns.
+
+    A wait for "networkidle" here times out; ``Requests.wait_quiet`` sees the request end and returns.
+    """
+    page = context.new_page()
+    requests = Requests(page)
+    try:
+        page.goto(early_idle_site + "/", wait_until="load")
+        assert page.evaluate("document.readyState") == "complete"
+        assert requests.wait_quiet("early-idle page", timeout_s=10) == []
+        assert page.evaluate("document.body.textContent").strip() == "early idle"
+    finally:
+        page.close()
+
+
+def test_quiet_wait_names_the_request_still_open(early_idle_site, context):
+    """A page whose request outlasts the wait: the failure names the page's open request."""
+    page = context.new_page()
+    requests = Requests(page)
+    try:
+        page.goto(early_idle_site + "/hangs", wait_until="load")
+        problems = requests.wait_quiet("hanging page", timeout_s=1)
+        assert len(problems) == 1 and "/slow-resource" in problems[0] and "fetch" in problems[0], problems
+    finally:
+        page.close()
 
 
 def test_every_chapter_has_an_interactive_figure(site):
