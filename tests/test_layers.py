@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparse_tutorial import DenseFF, SparseFF
-from sparse_tutorial.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
+from sparse_tutorial.measure.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
 
 
 @st.composite
