@@ -14,7 +14,7 @@ Notation (the paper's): ``d = d_model``, ``S`` modules of width ``M = d / S``. S
   the ``S`` modules (head size ``M``); **no output projection**. Decoding keeps the last ``length_kernel - 1``
   multiplicative outputs, so one new token costs a 3-position convolution, whatever the cache length.
 * :class:`MultiplicativeAttention` (the reference's ``MultiplicativeCausalAttention``, the simple variant):
-  ordinary multi-head attention (``cfg.n_heads`` heads) whose four dense layers Q, K, V and the output
+  ordinary multi-head attention (``n_heads`` heads) whose four dense layers Q, K, V and the output
   projection are each replaced by a multiplicative layer.
 
 :func:`resolve_qkv_modules` picks ``S``; :mod:`.registry` builds these layers for a model config.
