@@ -76,9 +76,9 @@ class _BlockStep:
         return self.block(self.xs[self.i], c)
 
 
-def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARIANTS), *, cache_len: int = 128,
-                 repeats: int | None = None, warmup: int = 2, interleave_limit_gb: float = 1.0,
-                 progress: bool = True) -> pd.DataFrame:
+def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARIANTS), *,
+                 cache_len: int = 128, repeats: int | None = None, warmup: int = 2,
+                 interleave_limit_gb: float = 1.0, progress: bool = True) -> pd.DataFrame:
     """Time one block decoding one token (batch 1, a KV cache of ``cache_len`` positions) per variant.
 
     Weights are random (the cost does not depend on their values). When all variants together are under

@@ -18,7 +18,8 @@ __all__ = ["MODEL_VARIANTS", "model_config", "build_model", "Generation", "gener
 
 
 #: The model variants of the whole-model measurements: label -> (``ModelConfig.ff``, ``ModelConfig.qkv``).
-MODEL_VARIANTS = {"dense": ("dense", "dense"), "sparse FF": ("sparse", "dense"), "sparse FF + QKV": ("sparse", "conv")}
+MODEL_VARIANTS = {"dense": ("dense", "dense"), "sparse FF": ("sparse", "dense"),
+                  "sparse FF + QKV": ("sparse", "conv")}
 
 
 def model_config(variant: str, d_model: int = 384, n_layers: int = 6, *, context_length: int = 256,
@@ -38,7 +39,8 @@ def model_config(variant: str, d_model: int = 384, n_layers: int = 6, *, context
 
 
 def build_model(variant: str, d_model: int, n_layers: int, context_length: int, qkv_modules: int,
-                 max_rows: int | None) -> TransformerLM:
+                max_rows: int | None) -> TransformerLM:
+    """A fresh eval-mode model of :func:`model_config` (random weights), with ``sparse_decode_max_rows`` if given."""
     model = TransformerLM(model_config(variant, d_model, n_layers, context_length=context_length,
                                        qkv_modules=qkv_modules)).eval()
     if max_rows is not None:
@@ -70,7 +72,8 @@ class Generation:
 
 
 def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 384, n_layers: int = 6,
-                   prompt_len: int | None = None, new_tokens: int | None = None, variants: Sequence[str] = tuple(MODEL_VARIANTS),
+                   prompt_len: int | None = None, new_tokens: int | None = None,
+                   variants: Sequence[str] = tuple(MODEL_VARIANTS),
                    context_length: int = 256, qkv_modules: int = 16, sparse_decode_max_rows: int | None = None,
                    repeats: int | None = None, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
     """Prefill time of a ``prompt_len``-token prompt and per-token greedy decode time, per batch size.

@@ -188,7 +188,7 @@ class SparseFF(FeedForward):
         )
 
     def active_params_per_token(self) -> int:
-        """The whole controller (it scores every unit), the ``n_blocks`` selected rows of ``W1^T`` and ``W2``, ``b2``."""
+        """The whole controller (it scores every unit), the selected rows of ``W1^T`` and ``W2``, and ``b2``."""
         controller = sum(p.numel() for p in self.controller.parameters())
         return controller + 2 * self.n_blocks * self.d_model + self.d_model
 
