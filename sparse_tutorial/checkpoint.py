@@ -3,6 +3,7 @@
 A checkpoint holds the state dict, the model and training configs and the training history. Its file
 name encodes the config (readable part + hash), so chapter 4 and 5 find chapter 3's models when they
 match. Loading a checkpoint whose config differs from the requested one is refused, never silent.
+:func:`sparse_tutorial.run.train_or_load` loads one or trains and saves it.
 """
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ import pandas as pd
 import torch
 
 from . import config as run_config
-from .data import TextData
 from .model import ModelConfig, TransformerLM
-from .train import TrainConfig, train_lm
+from .train import TrainConfig
 
-__all__ = ["CheckpointMismatchError", "checkpoint_path", "save_checkpoint", "load_checkpoint", "train_or_load"]
+__all__ = ["CheckpointMismatchError", "checkpoint_path", "save_checkpoint", "load_checkpoint"]
 
 
 class CheckpointMismatchError(ValueError):
@@ -87,17 +87,3 @@ def load_checkpoint(path: Path, cfg: ModelConfig, tc: TrainConfig) -> tuple[Tran
     model.eval()
     history = None if payload.get("history") is None else pd.DataFrame(payload["history"])
     return model, history
-
-
-def train_or_load(cfg: ModelConfig, tc: TrainConfig, data: TextData, *, progress: bool = True,
-                  folder: Path | None = None) -> tuple[TransformerLM, pd.DataFrame, bool]:
-    """Load the matching checkpoint if one exists, else train and save. Returns ``(model, history, loaded)``."""
-    path = checkpoint_path(cfg, tc, folder)
-    if path.is_file():
-        model, history = load_checkpoint(path, cfg, tc)
-        return model, history, True
-    torch.manual_seed(tc.seed)
-    model = TransformerLM(cfg)
-    history = train_lm(model, data, tc, progress=progress)
-    save_checkpoint(model, tc, history, path)
-    return model, history, False

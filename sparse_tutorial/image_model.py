@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import DenseFF, SparseFF
+from .layers.dense import DenseFF
+from .layers.sparse_ff import SparseFF
 
 __all__ = ["ImageConfig", "ImageNet", "ImageData", "image_tensors", "train_image_model", "accuracy"]
 

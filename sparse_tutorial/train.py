@@ -1,6 +1,6 @@
 """Training loop for the language models: AdamW, a tqdm progress bar, periodic evaluation, a history table.
 
-Run it outside Jupyter too::
+Run it outside Jupyter too (the command is :func:`sparse_tutorial.run.main`)::
 
     python -m sparse_tutorial.train --ff sparse --steps 500
 
@@ -8,7 +8,6 @@ The last line printed is the final validation loss.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
@@ -19,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import config as run_config
-from .data import TextData, load_tiny_shakespeare
-from .model import ModelConfig, TransformerLM, book_config, seed_config
+from .data import TextData
+from .model import ModelConfig, TransformerLM
 
 __all__ = ["TrainConfig", "book_train_config", "seed_train_config", "estimate_loss", "train_lm",
-           "compare_step_times", "main"]
+           "compare_step_times"]
 
 
 @dataclass
@@ -172,45 +171,9 @@ def compare_step_times(configs: dict[str, ModelConfig], data: TextData, tc: Trai
                          "ratio to " + next(iter(med)): [m / first for m in med.values()]})
 
 
-def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(prog="python -m sparse_tutorial.train",
-                                     description="Train a dense- or sparse-FF character model on Tiny Shakespeare.")
-    parser.add_argument("--ff", choices=["dense", "sparse"], default="sparse")
-    parser.add_argument("--qkv", choices=["dense", "multiplicative", "conv"], default="dense")
-    parser.add_argument("--preset", choices=["book", "seed"], default="book",
-                        help="book: the chapter's laptop run; seed: d_model 384, 6 layers, context 256, 6000 steps")
-    parser.add_argument("--block-size", type=int,
-                        help="override the preset's FF block size N (d_ff / N units active per token)")
-    parser.add_argument("--steps", type=int, help="override the preset's number of steps")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--save", action="store_true", help="save a checkpoint into the cache folder")
-    args = parser.parse_args(argv)
-
-    overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                       seed=args.seed).items() if v is not None}
-    data = load_tiny_shakespeare()
-    make_cfg, make_tc = (book_config, book_train_config) if args.preset == "book" else (seed_config, seed_train_config)
-    model_overrides = {} if args.block_size is None else {"ff_block_size": args.block_size}
-    cfg: ModelConfig = make_cfg(ff=args.ff, qkv=args.qkv, vocab_size=len(data.vocab), **model_overrides)
-    tc = make_tc(**overrides)
-    torch.manual_seed(tc.seed)
-    model = TransformerLM(cfg)
-    print(f"{args.ff} FF, {args.qkv} QKV, {model.num_params():,} parameters, {tc.steps} steps, "
-          f"{torch.get_num_threads()} threads")
-    history = train_lm(model, data, tc, progress=not args.no_progress)
-    print(history.to_string(index=False))
-    if args.save:
-        from .checkpoint import save_checkpoint
-
-        path = save_checkpoint(model, tc, history)
-        print(f"saved {path}")
-    val = float(history["val_loss"].iloc[-1])
-    print(f"final val loss {val:.4f}")
-    return val
-
-
 if __name__ == "__main__":
+    # ``python -m sparse_tutorial.train``: the command lives in run.py, above this module and checkpoint.py,
+    # because it also saves checkpoints (this file runs as ``__main__`` here, so run.py imports it afresh).
+    from .run import main
+
     main()

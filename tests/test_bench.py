@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparse_tutorial import bench
-from sparse_tutorial.quantize import quantize_int8, weight_bytes
+from sparse_tutorial.measure.quantize import quantize_int8, weight_bytes
 
 
 def run(capsys, tmp_path, *args):

@@ -1,12 +1,13 @@
-"""Cached, step-by-step decoding gives the logits of a full forward, for every FF kind and QKV kind."""
+"""Cached, step-by-step decoding gives the logits of a full forward, for every registered FF kind and QKV kind."""
 import itertools
 
 import pytest
 import torch
 
+from sparse_tutorial.layers import FF_KINDS, QKV_KINDS
 from sparse_tutorial.model import ModelConfig, TransformerLM
 
-KINDS = list(itertools.product(["dense", "sparse"], ["dense", "multiplicative", "conv"]))
+KINDS = list(itertools.product(sorted(FF_KINDS), sorted(QKV_KINDS)))   # every registered pair
 
 
 def make_model(ff: str, qkv: str, context_length: int = 16) -> TransformerLM:
@@ -47,7 +48,8 @@ def test_cached_steps_equal_full_forward(ff, qkv, batch, prefill, max_rows):
 @pytest.mark.parametrize("ff,qkv", KINDS)
 @pytest.mark.parametrize("max_rows,prefill_uses_decode", [(1, False), (None, True)])
 def test_sparse_decode_path_is_used_for_single_tokens(ff, qkv, max_rows, prefill_uses_decode, monkeypatch):
-    """The step calls go through SparseFF.decode (otherwise the test above would not test it).
+    """The step calls of kinds with a cheaper decode path (SparseFF) go through it (otherwise the test above would
+    not test it).
 
     With ``sparse_decode_max_rows = 1`` the prompt (3 tokens) takes the dense-masked path and only the
     single-token steps decode sparsely; with the default rule (chapter 5) the prompt decodes sparsely too.
@@ -57,13 +59,15 @@ def test_sparse_decode_path_is_used_for_single_tokens(ff, qkv, max_rows, prefill
         model.sparse_decode_max_rows = max_rows
     calls = []
     for block in model.blocks:
-        if hasattr(block.ff, "decode") and ff == "sparse":
-            original = block.ff.decode
-            monkeypatch.setattr(block.ff, "decode", lambda x, f=original: calls.append(x.shape) or f(x))
+        original = block.ff.decode
+        monkeypatch.setattr(block.ff, "decode", lambda x, f=original: calls.append(x.shape) or f(x))
     cached_logits(model, torch.randint(0, 29, (1, 6)), prefill=3)
     per_layer = 3 + (1 if prefill_uses_decode else 0)
-    assert len(calls) == (per_layer * model.cfg.n_layers if ff == "sparse" else 0)
-    if ff == "sparse":
+    sparse = model.blocks[0].ff.has_sparse_decode
+    if ff in ("dense", "sparse"):                                      # the book's two kinds say what they are
+        assert sparse == (ff == "sparse")
+    assert len(calls) == (per_layer * model.cfg.n_layers if sparse else 0)
+    if sparse:
         assert sorted({shape[1] for shape in calls}) == ([1, 3] if prefill_uses_decode else [1])
 
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sparse_tutorial.checkpoint import (CheckpointMismatchError, checkpoint_path, load_checkpoint,
-                                        save_checkpoint, train_or_load)
+from sparse_tutorial.checkpoint import CheckpointMismatchError, checkpoint_path, load_checkpoint, save_checkpoint
+from sparse_tutorial.run import train_or_load
 from sparse_tutorial.model import ModelConfig, TransformerLM
 from sparse_tutorial.train import TrainConfig
 

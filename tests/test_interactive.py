@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from ipywidgets.embed import embed_data  # noqa: E402
 
-from sparse_tutorial.interactive import MAX_FRAMES, SLIDER_CLASS, figure_png, slider_figure  # noqa: E402
+from sparse_tutorial.studies.interactive import MAX_FRAMES, SLIDER_CLASS, figure_png, slider_figure  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

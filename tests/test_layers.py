@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparse_tutorial import DenseFF, SparseFF
-from sparse_tutorial.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
+from sparse_tutorial.measure.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
 
 
 @st.composite
@@ -187,3 +187,12 @@ def test_decode_gathers_w1_rows_in_chunks_exactly(chunk_rows):
         x = torch.randn(1, 16)
         with torch.no_grad():
             torch.testing.assert_close(ff.decode(x), ff(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("controller", ["lowrank", "full", "mlp"])
+def test_active_params_per_token_match_the_cost_formulas(controller):
+    ff = SparseFF(24, 96, 8, 6, controller=controller)
+    assert ff.active_params_per_token() == sparse_ff_cost(24, 96, 8, 6, controller).weight_params
+    assert ff.num_params() > ff.active_params_per_token()
+    dense = DenseFF(24, 96)
+    assert dense.active_params_per_token() == dense.num_params() == dense_ff_cost(24, 96).weight_params

@@ -5,10 +5,10 @@ from hypothesis import strategies as st
 
 from sparse_tutorial import DenseFF
 from sparse_tutorial.model import Block, ModelConfig, TransformerLM, book_config, seed_config
-from sparse_tutorial.params import (PAPER_17B, PAPER_800M, BlockShape, attention_params, block_params,
+from sparse_tutorial.measure.params import (PAPER_17B, PAPER_800M, BlockShape, attention_params, block_params,
                                     count_block_params, count_model_params, ff_bytes, ff_flops, ff_intensity,
                                     ff_params, model_params, param_table, roofline_seconds, shape_of)
-from sparse_tutorial.timing import dense_ff_batch_sweep, last_level_cache_bytes, measure_matmul_gflops
+from sparse_tutorial.measure.timing import dense_ff_batch_sweep, last_level_cache_bytes, measure_matmul_gflops
 
 
 @st.composite

@@ -2,20 +2,20 @@
 import pytest
 import torch
 
-from sparse_tutorial.model import CausalSelfAttention, LayerCache, ModelConfig, TransformerLM
-from sparse_tutorial.qkv import (
+from sparse_tutorial.layers import CausalSelfAttention, LayerCache, make_attention
+from sparse_tutorial.layers.qkv import (
     ConvQKVAttention,
     ModuleConv,
     MultiplicativeAttention,
     MultiplicativeDense,
-    attention_maps,
     conv_qkv_params,
     dense_qkv_params,
-    make_sparse_attention,
     multiplicative_dense_params,
     multiplicative_qkv_params,
     resolve_qkv_modules,
 )
+from sparse_tutorial.model import ModelConfig, TransformerLM
+from sparse_tutorial.studies.qkv_study import attention_maps
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -113,16 +113,15 @@ def test_conv_qkv_param_count_matches_the_reference(d, S, expected):
 
 
 def test_multiplicative_and_dense_attention_param_counts():
-    cfg = ModelConfig(d_model=64, n_heads=8, qkv_modules=8)
     assert n_params(MultiplicativeAttention(64, 8, 8)) == multiplicative_qkv_params(64, 8) == 4 * (8 * 64 + 64 * 8 + 64)
-    assert n_params(CausalSelfAttention(cfg)) == dense_qkv_params(64) == 4 * (64 * 64 + 64)
+    assert n_params(CausalSelfAttention(64, 8)) == dense_qkv_params(64) == 4 * (64 * 64 + 64)
     assert dense_qkv_params(1024) == 4_198_400
 
 
 @pytest.mark.parametrize("kind,cls", [("conv", ConvQKVAttention), ("multiplicative", MultiplicativeAttention)])
-def test_make_sparse_attention_shapes(kind, cls):
+def test_make_attention_shapes(kind, cls):
     cfg = ModelConfig(d_model=48, n_heads=4, qkv=kind, qkv_modules=6)
-    attn = make_sparse_attention(cfg)
+    attn = make_attention(cfg)
     assert isinstance(attn, cls)
     x = torch.randn(3, 7, 48)
     assert attn(x, None).shape == (3, 7, 48)
@@ -152,12 +151,12 @@ def test_model_config_validates_sparse_qkv(overrides, words):
 
 def test_conv_attention_needs_no_n_heads_divisibility():
     cfg = ModelConfig(d_model=60, n_heads=8, qkv="conv", qkv_modules=6)  # heads are the 6 modules
-    assert make_sparse_attention(cfg).n_modules == 6
+    assert make_attention(cfg).n_modules == 6
 
 
 @pytest.mark.parametrize("kind", ["conv", "multiplicative"])
 def test_attention_is_causal(kind):
-    attn = make_sparse_attention(ModelConfig(d_model=32, n_heads=4, qkv=kind, qkv_modules=4)).eval()
+    attn = make_attention(ModelConfig(d_model=32, n_heads=4, qkv=kind, qkv_modules=4)).eval()
     x = torch.randn(2, 10, 32)
     x2 = x.clone()
     x2[:, 6] += torch.randn(2, 32)   # change token 6 only
@@ -191,7 +190,7 @@ def test_attention_maps_are_causal_distributions():
 
 def test_merged_inference_conv_equals_the_three_convolutions_and_follows_weight_updates():
     """Inference runs Q, K, V as one merged convolution, cached; it must track every change of the weights."""
-    attn = make_sparse_attention(ModelConfig(d_model=48, n_heads=4, qkv="conv", qkv_modules=6))
+    attn = make_attention(ModelConfig(d_model=48, n_heads=4, qkv="conv", qkv_modules=6))
     x = torch.randn(2, 5, 48)
     for _ in range(2):
         with torch.enable_grad():

@@ -6,7 +6,7 @@ Serves the built site (``_build/html``, or ``$BOOK_HTML_DIR``) on 127.0.0.1 and 
 * no console error, no uncaught exception, no failed request, no HTTP error, no request to another host
   (the book serves its own JavaScript, fonts and MathJax);
 * no broken image; saved widgets render; math is typeset;
-* every kernel-free slider (``sparse_tutorial.interactive.slider_figure``) is moved through all its positions
+* every kernel-free slider (``sparse_tutorial.studies.interactive.slider_figure``) is moved through all its positions
   with the keyboard, and each move must change the picture shown;
 * a full-page screenshot goes to ``_build/screenshots/`` (or ``$BOOK_SCREENSHOTS_DIR``).
 
@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from sparse_tutorial.interactive import SLIDER_CLASS
+from sparse_tutorial.studies.interactive import SLIDER_CLASS
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = Path(os.environ.get("BOOK_HTML_DIR") or ROOT / "_build" / "html").resolve()

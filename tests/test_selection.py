@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 
 from sparse_tutorial.layers import SparseFF
 from sparse_tutorial.model import ModelConfig, TransformerLM
-from sparse_tutorial.selection import (Variant, compare_variants, ff_inputs, plot_active_units, plot_decode_cost,
+from sparse_tutorial.studies.selection import (Variant, compare_variants, ff_inputs, plot_active_units, plot_decode_cost,
                                        plot_selection_heatmap, plot_usage_histogram, set_selection,
                                        sparse_layers, unit_counts, usage_stats)
 from sparse_tutorial.train import TrainConfig

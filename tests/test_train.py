@@ -8,7 +8,8 @@ import torch
 
 from sparse_tutorial.data import CharVocab, TextData
 from sparse_tutorial.model import ModelConfig, TransformerLM
-from sparse_tutorial.train import TrainConfig, compare_step_times, estimate_loss, main, train_lm
+from sparse_tutorial.run import main
+from sparse_tutorial.train import TrainConfig, compare_step_times, estimate_loss, train_lm
 
 
 def toy_data() -> TextData:
@@ -82,11 +83,11 @@ def test_cli_last_line_is_the_val_loss(shared_data, ff):
 
 
 def test_cli_block_size_reaches_the_model(shared_data, monkeypatch):
-    import sparse_tutorial.train as train_mod
+    import sparse_tutorial.run as run_mod
 
     seen = []
-    real = train_mod.train_lm
-    monkeypatch.setattr(train_mod, "train_lm", lambda model, *a, **k: seen.append(model.cfg) or real(model, *a, **k))
+    real = run_mod.train_lm
+    monkeypatch.setattr(run_mod, "train_lm", lambda model, *a, **k: seen.append(model.cfg) or real(model, *a, **k))
     with redirect_stdout(io.StringIO()):
         main(["--ff", "sparse", "--block-size", "8", "--steps", "1", "--batch-size", "2", "--no-progress"])
     assert seen[0].ff_block_size == 8

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ._checks import positive_int
+from .._checks import positive_int
 from .costs import dense_ff_cost
 
 __all__ = [

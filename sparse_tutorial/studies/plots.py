@@ -1,6 +1,6 @@
 """Shared figure style and the book's recurring plots (parameter splits, rooflines, time per token).
 
-Every function returns a matplotlib ``Figure`` (so :func:`sparse_tutorial.interactive.slider_figure` can
+Every function returns a matplotlib ``Figure`` (so :func:`sparse_tutorial.studies.interactive.slider_figure` can
 render it) and takes plain numbers or pandas DataFrames, never a model.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def style() -> None:
 def param_split_figure(table, title: str = "Where one block's parameters live") -> Figure:
     """Horizontal stacked bars: the share of attention, FF and LayerNorm parameters, one bar per model.
 
-    ``table`` is :func:`sparse_tutorial.params.param_table`'s DataFrame.
+    ``table`` is :func:`sparse_tutorial.measure.params.param_table`'s DataFrame.
     """
     parts = [("attention (QKVO)", "attention", "attention (Q, K, V, O)"), ("FF", "ff", "feed-forward"),
              ("LayerNorm", "layernorm", "LayerNorm")]
@@ -79,7 +79,7 @@ def roofline_figure(peak_gflops: float, bandwidth_gbs: float, points=None, highl
     """The roofline ``min(peak, bandwidth * I)`` on log-log axes, with measured points.
 
     ``points``: a DataFrame with columns ``batch``, ``FLOP/byte`` and ``GFLOP/s`` (from
-    :func:`sparse_tutorial.timing.dense_ff_batch_sweep`); ``highlight``: a batch size to ring.
+    :func:`sparse_tutorial.measure.timing.dense_ff_batch_sweep`); ``highlight``: a batch size to ring.
     """
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _draw_roofline_axes(ax, peak_gflops, bandwidth_gbs, points, highlight)

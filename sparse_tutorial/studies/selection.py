@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from . import config as run_config
-from .costs import sparse_ff_breakdown
-from .data import TextData
-from .layers import SparseFF
-from .model import ModelConfig, TransformerLM
-from .train import TrainConfig, train_lm
+from .. import config as run_config
+from ..data import TextData
+from ..layers.sparse_ff import SparseFF
+from ..measure.costs import sparse_ff_breakdown
+from ..model import ModelConfig, TransformerLM
+from ..train import TrainConfig, train_lm
 
 __all__ = [
     "sparse_layers", "ff_inputs", "unit_counts", "usage_stats", "set_selection",

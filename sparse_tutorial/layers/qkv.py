@@ -14,10 +14,10 @@ Notation (the paper's): ``d = d_model``, ``S`` modules of width ``M = d / S``. S
   the ``S`` modules (head size ``M``); **no output projection**. Decoding keeps the last ``length_kernel - 1``
   multiplicative outputs, so one new token costs a 3-position convolution, whatever the cache length.
 * :class:`MultiplicativeAttention` (the reference's ``MultiplicativeCausalAttention``, the simple variant):
-  ordinary multi-head attention (``cfg.n_heads`` heads) whose four dense layers Q, K, V and the output
+  ordinary multi-head attention (``n_heads`` heads) whose four dense layers Q, K, V and the output
   projection are each replaced by a multiplicative layer.
 
-:func:`make_sparse_attention` builds the one a :class:`~sparse_tutorial.model.ModelConfig` asks for.
+:func:`resolve_qkv_modules` picks ``S``; :mod:`.registry` builds these layers for a model config.
 """
 from __future__ import annotations
 
@@ -27,22 +27,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import positive_int, probability
-from .model import LayerCache, ModelConfig, cached_attention, resolve_qkv_modules
+from .._checks import positive_int, probability
+from .attention import LayerCache, cached_attention, check_attention_input
 
 __all__ = [
     "MultiplicativeDense",
     "ModuleConv",
     "ConvQKVAttention",
     "MultiplicativeAttention",
-    "make_sparse_attention",
     "resolve_qkv_modules",
     "dense_qkv_params",
     "multiplicative_dense_params",
     "multiplicative_qkv_params",
     "conv_qkv_params",
-    "attention_maps",
 ]
+
+
+def resolve_qkv_modules(d_model: int, qkv_modules: int | None) -> int:
+    """The number of modules ``S`` of the sparse QKV layers: ``qkv_modules``, or ``round(sqrt(d_model))``.
+
+    ``S`` must divide ``d_model`` (each module has ``M = d_model / S`` units); otherwise a ValueError says so.
+    """
+    S = round(math.sqrt(d_model)) if qkv_modules is None else qkv_modules
+    if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+        raise ValueError(f"qkv_modules must be a positive integer or None, got qkv_modules={qkv_modules!r}")
+    if d_model % S:
+        hint = " (None means round(sqrt(d_model)); pass qkv_modules explicitly)" if qkv_modules is None else ""
+        raise ValueError(f"d_model must be divisible by qkv_modules, got d_model={d_model}, "
+                         f"qkv_modules={S}{hint}")
+    return S
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,6 +203,7 @@ class ConvQKVAttention(nn.Module):
 
     def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
         """Q, K, V for the new tokens, each ``(B, S, T, M)`` (heads = modules); updates the conv state."""
+        check_attention_input(x, self.d_model)
         full = self._conv_input(x, cache)
         if not torch.is_grad_enabled():                                    # inference: one convolution, not three
             w, b = self._merged_conv()
@@ -214,7 +228,7 @@ class ConvQKVAttention(nn.Module):
         return cached[1], cached[2]
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, C = check_attention_input(x, self.d_model)
         q, k, v = self.heads(x, cache)                                     # 3 x (B, S, T, M)
         y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, S, T, M)
         return self.resid_dropout(y.transpose(1, 2).reshape(B, T, C))      # no output projection
@@ -242,50 +256,12 @@ class MultiplicativeAttention(nn.Module):
 
     def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
         """Q, K, V, each ``(B, H, T, hd)``."""
-        B, T, C = x.shape
+        B, T, C = check_attention_input(x, self.d_model)
         return tuple(layer(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
                      for layer in (self.q, self.k, self.v))
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, C = check_attention_input(x, self.d_model)
         q, k, v = self.heads(x)
         y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-
-
-def make_sparse_attention(cfg: ModelConfig) -> nn.Module:
-    """The sparse attention layer for ``cfg.qkv`` ("multiplicative" or "conv"), ``S = cfg.qkv_modules``."""
-    S = resolve_qkv_modules(cfg.d_model, cfg.qkv_modules)
-    if cfg.qkv == "conv":
-        return ConvQKVAttention(cfg.d_model, S, length_kernel=3, dropout=cfg.dropout)
-    if cfg.qkv == "multiplicative":
-        return MultiplicativeAttention(cfg.d_model, cfg.n_heads, S, dropout=cfg.dropout)
-    raise ValueError(f"make_sparse_attention needs qkv 'multiplicative' or 'conv', got qkv={cfg.qkv!r}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Looking inside a trained model
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def attention_maps(model, idx: torch.Tensor, layer: int = 0) -> torch.Tensor:
-    """Attention probabilities of every head of block ``layer`` for the token ids ``idx`` ``(T,)`` or ``(1, T)``.
-
-    Returns ``(H, T, T)`` (rows: queries, columns: keys; causal). Works for every QKV kind.
-    """
-    if not 0 <= layer < len(model.blocks):
-        raise ValueError(f"layer must be in [0, {len(model.blocks)}), got layer={layer!r}")
-    idx = idx.view(1, -1)
-    was_training = model.training
-    model.eval()
-    T = idx.shape[1]
-    x = model.tok_emb(idx) + model.pos_emb(torch.arange(T))
-    for block in model.blocks[:layer]:
-        x = block(x)
-    q, k, _ = model.blocks[layer].attn.heads(model.blocks[layer].ln1(x))   # (1, H, T, hd)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])              # (1, H, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    probs = F.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)[0]
-    model.train(was_training)
-    return probs

@@ -143,12 +143,12 @@ def dense_ff_batch_sweep(d_model: int, d_ff: int, batch_sizes, *, repeats: int =
     of one layer (total / n_layers). Batch sizes are interleaved within each repeat; medians over repeats.
 
     Columns: batch, n_layers, ms per call (one layer, all B tokens), µs per token, GFLOP/s, FLOPs,
-    weight bytes, total bytes, FLOP/byte (arithmetic intensity, see :mod:`sparse_tutorial.params`).
+    weight bytes, total bytes, FLOP/byte (arithmetic intensity, see :mod:`sparse_tutorial.measure.params`).
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .layers import DenseFF
+    from ..layers.dense import DenseFF
     from .params import ff_bytes, ff_flops
 
     batch_sizes = list(batch_sizes)

@@ -1,4 +1,4 @@
-"""The feed-forward layers of the book: the dense baseline and the paper's sparse FF.
+"""The paper's sparse feed-forward layer and its controllers (chapters 2, 3 and 5).
 
 Notation (the paper's): ``d = d_model``, ``d_ff`` hidden units, split into ``n_blocks = d_ff / N`` blocks
 of ``N = block_size`` units. Exactly one unit per block is active for each token, so a token uses
@@ -21,39 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import last_dim, positive_int, probability
+from .._checks import last_dim, positive_int, probability
+from .base import FeedForward
 
 __all__ = [
-    "DenseFF",
     "SparseFF",
     "LowRankController",
     "FullRankController",
     "MLPController",
     "make_controller",
 ]
-
-
-class DenseFF(nn.Module):
-    """``relu(x W1 + b1) W2 + b2``: the Transformer's position-wise feed-forward layer."""
-
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
-        super().__init__()
-        self.d_model = positive_int("d_model", d_model)
-        self.d_ff = positive_int("d_ff", d_ff)
-        self.w1 = nn.Linear(d_model, d_ff)  # weight (d_ff, d_model)
-        self.w2 = nn.Linear(d_ff, d_model)  # weight (d_model, d_ff)
-        self.dropout = nn.Dropout(probability("dropout", dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last_dim("x", x, self.d_model)
-        return self.dropout(self.w2(F.relu(self.w1(x))))  # (..., d_model)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`forward` (a dense layer has no cheaper path); lets callers treat both kinds alike."""
-        return self.forward(x)
-
-    def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, d_ff={self.d_ff}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,7 +107,7 @@ class _StraightThrough(torch.autograd.Function):
         return None, grad
 
 
-class SparseFF(nn.Module):
+class SparseFF(FeedForward):
     """Sparse feed-forward layer: one active unit in each block of ``block_size`` units.
 
     Args:
@@ -146,6 +123,9 @@ class SparseFF(nn.Module):
     Parameters are stored so the decode path reads contiguous memory: ``w1`` is ``W1^T`` with one row of
     ``d_model`` weights per hidden unit, ``w2`` is ``W2`` with one row per hidden unit.
     """
+
+    #: :meth:`decode` reads only the selected rows: the cheaper inference path of the interface
+    has_sparse_decode = True
 
     def __init__(
         self,
@@ -206,6 +186,11 @@ class SparseFF(nn.Module):
             f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
             f"n_blocks={self.n_blocks}, d_lowrank={self.d_lowrank}, controller={self.controller_kind!r}"
         )
+
+    def active_params_per_token(self) -> int:
+        """The whole controller (it scores every unit), the selected rows of ``W1^T`` and ``W2``, and ``b2``."""
+        controller = sum(p.numel() for p in self.controller.parameters())
+        return controller + 2 * self.n_blocks * self.d_model + self.d_model
 
     # -- selection ---------------------------------------------------------------------------------
     def block_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Chapter 4's experiments on sparse QKV: parameter sweeps, the permutation fit, matched model sizes, timing, figures.
 
-The layers themselves live in :mod:`sparse_tutorial.qkv`; this module measures and draws them. Every figure
-function returns a matplotlib ``Figure`` (so :func:`sparse_tutorial.interactive.slider_figure` can use it).
+The layers themselves live in :mod:`sparse_tutorial.layers.qkv`; this module measures and draws them. Every figure
+function returns a matplotlib ``Figure`` (so :func:`sparse_tutorial.studies.interactive.slider_figure` can use it).
 """
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from dataclasses import replace
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from ._checks import positive_int
-from .model import CausalSelfAttention, ModelConfig, TransformerLM
-from .plots import COLORS
-from .qkv import (
+from .._checks import positive_int
+from ..layers.attention import CausalSelfAttention
+from ..layers.qkv import (
     ConvQKVAttention,
     MultiplicativeAttention,
     MultiplicativeDense,
@@ -25,8 +25,11 @@ from .qkv import (
     dense_qkv_params,
     multiplicative_qkv_params,
 )
+from ..model import ModelConfig, TransformerLM
+from .plots import COLORS
 
 __all__ = [
+    "attention_maps",
     "modules_near_sqrt",
     "qkv_macs",
     "qkv_param_sweep",
@@ -87,8 +90,7 @@ def qkv_param_sweep(d_values, *, count_up_to: int = 16384) -> pd.DataFrame:
         S = modules_near_sqrt(d)
         if d <= count_up_to:
             with torch.device("meta"):
-                cfg = ModelConfig(d_model=d, n_heads=S, qkv_modules=S)
-                counts = dict(dense=count_params(CausalSelfAttention(cfg)),
+                counts = dict(dense=count_params(CausalSelfAttention(d, S)),
                               multiplicative=count_params(MultiplicativeAttention(d, S, S)),
                               conv=count_params(ConvQKVAttention(d, S)))
             source = "modules"
@@ -242,3 +244,31 @@ def attention_head_figure(probs: torch.Tensor, head: int, text: str, title: str)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention probability")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Looking inside a trained model
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def attention_maps(model, idx: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """Attention probabilities of every head of block ``layer`` for the token ids ``idx`` ``(T,)`` or ``(1, T)``.
+
+    Returns ``(H, T, T)`` (rows: queries, columns: keys; causal). Works for every QKV kind.
+    """
+    if not 0 <= layer < len(model.blocks):
+        raise ValueError(f"layer must be in [0, {len(model.blocks)}), got layer={layer!r}")
+    idx = idx.view(1, -1)
+    was_training = model.training
+    model.eval()
+    T = idx.shape[1]
+    x = model.tok_emb(idx) + model.pos_emb(torch.arange(T))
+    for block in model.blocks[:layer]:
+        x = block(x)
+    q, k, _ = model.blocks[layer].attn.heads(model.blocks[layer].ln1(x))   # (1, H, T, hd)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])              # (1, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    probs = F.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)[0]
+    model.train(was_training)
+    return probs

@@ -1,0 +1,51 @@
+"""Chapter 5's measurements, as functions (the notebook calls them) and as a command that prints tables.
+
+    python -m sparse_tutorial.bench bandwidth
+    python -m sparse_tutorial.bench ff --d-model 4096 --d-ff 16384 --block-size 64 --d-lowrank 128
+    python -m sparse_tutorial.bench ff --d-model 256 512 1024 2048 4096        # a width sweep, d_ff = 4 d_model
+    python -m sparse_tutorial.bench block --shape 800m 17b
+    python -m sparse_tutorial.bench generate --batch-sizes 1 8 64
+    python -m sparse_tutorial.bench crossover                                  # where the gather path stops paying
+    python -m sparse_tutorial.bench train
+    python -m sparse_tutorial.bench quant
+
+Add ``--json`` for one JSON object on stdout instead of the table, ``--threads N`` to set torch's thread
+count (default 1, the setting of chapter 5; with two threads on a two-core machine that also runs other
+programs, a batch-1 decoding step measured many times slower). Every command also writes its table as ``_build/bench/<command>.csv`` (``--out-dir`` to change).
+
+Method, the same everywhere:
+
+* warm-up calls first, then the median over ``repeats`` timed calls;
+* the variants of one comparison live in the same process and are called round-robin (dense, sparse,
+  dense, sparse, ...), so a noisy neighbour slows all of them alike; ratios come from one run;
+* single layers and blocks are timed **with a cold cache**: before every timed call a buffer of four times
+  the last-level cache is read, evicting the weights. A decoding model reads each layer's weights once per
+  token and the other layers evict them before the next token, so a layer that fits in the cache must not be
+  timed from the cache. Whole models are timed as they are (their own layers do the evicting);
+* with one torch thread the clock is the thread's **CPU time** (``time.thread_time``), otherwise wall time.
+  On a machine shared with other programs the operating system pauses our thread for theirs; wall time then
+  grows with the length of a call (a 400 ms call is always interrupted, a 50 µs one rarely), which distorts
+  ratios. A single thread's CPU time counts only the time it ran, memory stalls included;
+* the machine (CPU model, torch threads, clock) goes into every result.
+
+Modules, by what they measure: :mod:`.machine` (bandwidth), :mod:`.ff` (one FF layer), :mod:`.block` (one
+block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the gather/masked crossover),
+:mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.targets` (the
+chapter's goals); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
+"""
+from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode
+from .cli import main
+from .ff import ff_layer, ff_rows, ff_sweep
+from .harness import DEFAULT_CSV_DIR, clock, clock_name, interleaved, num_threads, write_csv
+from .int8 import quant_bench
+from .machine import bandwidth
+from .targets import target_table
+from .training import train_step
+from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_bench, model_config
+
+__all__ = [
+    "BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "MODEL_VARIANTS", "DEFAULT_CSV_DIR",
+    "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "ff_rows", "block_config", "block_decode",
+    "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
+    "write_csv", "target_table", "main",
+]

@@ -1,0 +1,131 @@
+"""``bench block``: one Transformer block decoding one token with a cache, in the paper's four variants."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..config import pick
+from ..layers.attention import LayerCache
+from ..model import Block, ModelConfig
+from .harness import check_choice, free_memory, interleaved, machine_columns, positive
+
+__all__ = ["BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "block_config", "block_decode"]
+
+
+#: The paper's decode benchmark shapes (plus a tiny one for tests). ``d_ff_qkv``: the wider FF the paper uses
+#: with sparse QKV to keep the parameter count; ``qkv_modules``: S.
+BLOCK_SHAPES = {
+    "800m": dict(d_model=1024, n_heads=16, d_ff=4096, d_ff_qkv=6144, block_size=64, d_lowrank=None,
+                 qkv_modules=16),
+    "17b": dict(d_model=9216, n_heads=96, d_ff=40960, d_ff_qkv=65536, block_size=256, d_lowrank=32,
+                qkv_modules=64),
+    "tiny": dict(d_model=64, n_heads=4, d_ff=256, d_ff_qkv=384, block_size=16, d_lowrank=None, qkv_modules=8),
+}
+#: The four columns of the paper's decoding table: label -> (``ModelConfig.ff``, ``ModelConfig.qkv``), kinds of
+#: :mod:`sparse_tutorial.layers.registry`.
+BLOCK_VARIANTS = {"dense": ("dense", "dense"), "sparse FF": ("sparse", "dense"), "sparse QKV": ("dense", "conv"),
+                  "sparse FF + QKV": ("sparse", "conv")}
+#: The paper's reported per-decoder-block times (ms, CPU, batch 1): quoted, not measured here.
+PAPER_BLOCK_MS = {
+    "800m": {"dense": 5.9, "sparse FF": 3.1, "sparse QKV": 6.2, "sparse FF + QKV": 1.9},
+    "17b": {"dense": 581.0, "sparse FF": 259.0, "sparse QKV": 554.0, "sparse FF + QKV": 14.0},
+}
+
+
+def block_config(shape: str, variant: str) -> ModelConfig:
+    """The :class:`ModelConfig` of one block of ``shape`` ("800m", "17b", "tiny") in one of the four variants.
+
+    With sparse QKV the FF is widened to ``d_ff_qkv`` (the paper keeps the parameter count that way); the
+    sparse QKV is the multiplicative + convolution attention with ``S = qkv_modules``.
+    """
+    check_choice("shape", shape, BLOCK_SHAPES)
+    check_choice("variant", variant, BLOCK_VARIANTS)
+    s = BLOCK_SHAPES[shape]
+    ff, qkv = BLOCK_VARIANTS[variant]
+    sparse_qkv = qkv != "dense"
+    return ModelConfig(vocab_size=2, context_length=1024, d_model=s["d_model"], n_heads=s["n_heads"],
+                       n_layers=1, d_ff=s["d_ff_qkv"] if sparse_qkv else s["d_ff"], dropout=0.0,
+                       ff=ff, ff_block_size=s["block_size"], d_lowrank=s["d_lowrank"], qkv=qkv,
+                       qkv_modules=s["qkv_modules"] if sparse_qkv else None)
+
+
+class _BlockStep:
+    """One block decoding one token against a cache of ``cache_len`` positions, the cache reset each call."""
+
+    def __init__(self, cfg: ModelConfig, cache_len: int, n_inputs: int = 8):
+        self.block = Block(cfg).eval()
+        with torch.inference_mode():                # fill the cache by prefilling random positions
+            self.cache = LayerCache()
+            self.block(torch.randn(1, cache_len, cfg.d_model), self.cache)
+            self.saved_state = dict(self.cache.state)
+            self.block(torch.randn(1, 1, cfg.d_model), self.cache)    # one step, so the buffers have room
+        self.cache.truncate(cache_len)
+        self.cache_len = cache_len
+        self.xs = torch.randn(n_inputs, 1, 1, cfg.d_model)              # (n_inputs, B=1, T=1, C)
+        self.i = 0
+        self.params = sum(p.numel() for p in self.block.parameters())
+
+    def __call__(self):
+        c = self.cache
+        c.truncate(self.cache_len)                  # the new position is written in place, as in real decoding
+        c.state = dict(self.saved_state)
+        self.i = (self.i + 1) % len(self.xs)
+        return self.block(self.xs[self.i], c)
+
+
+def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARIANTS), *,
+                 cache_len: int = 128, repeats: int | None = None, warmup: int = 2,
+                 interleave_limit_gb: float = 1.0, progress: bool = True) -> pd.DataFrame:
+    """Time one block decoding one token (batch 1, a KV cache of ``cache_len`` positions) per variant.
+
+    Weights are random (the cost does not depend on their values). When all variants together are under
+    ``interleave_limit_gb`` they are built at once and timed interleaved; otherwise (the 17B shape, about
+    5 GB per variant) each is built, timed and freed before the next. Cold cache before every call.
+    Columns include the paper's reported per-block time and ratio beside the measured ones.
+    """
+    check_choice("shape", shape, BLOCK_SHAPES)
+    variants = list(variants)
+    if not variants:
+        raise ValueError("variants must not be empty")
+    for v in variants:
+        check_choice("variant", v, BLOCK_VARIANTS)
+    positive("cache_len", cache_len)
+    if repeats is None:
+        repeats = pick(default=30, fast=8) if shape != "17b" else pick(default=7, fast=3)
+    s = BLOCK_SHAPES[shape]
+    approx_gb = 4 * (4 * s["d_model"] ** 2 + 2 * s["d_model"] * s["d_ff_qkv"]) / 1e9 * len(variants)
+    times, params = {}, {}
+    if approx_gb <= interleave_limit_gb:
+        steps = {v: _BlockStep(block_config(shape, v), cache_len) for v in variants}
+        primes = {v: _BlockStep(block_config("tiny", v), 8) for v in variants}
+        times = interleaved(steps, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes,
+                            progress=f"block {shape}" if progress else None)
+        params = {v: st.params for v, st in steps.items()}
+        mode = "interleaved"
+        del steps
+    else:
+        mode = "one variant at a time"
+        for v in tqdm(variants, desc=f"block {shape}", disable=not progress):
+            step = _BlockStep(block_config(shape, v), cache_len)
+            times[v] = interleaved({v: step}, repeats=repeats, warmup=warmup, cold_cache=True,
+                                   primes={v: _BlockStep(block_config("tiny", v), 8)})[v]
+            params[v] = step.params
+            del step
+            free_memory()
+    free_memory()
+    base = times.get("dense")
+    paper = PAPER_BLOCK_MS.get(shape, {})
+    rows = []
+    for v in variants:
+        cfg = block_config(shape, v)
+        row = {"shape": shape, "variant": v, "d_ff": cfg.d_ff, "params (M)": params[v] / 1e6,
+               "ms per token": times[v] * 1e3,
+               "speed-up": base / times[v] if base else float("nan"),
+               "paper ms": paper.get(v, float("nan")),
+               "paper speed-up": paper["dense"] / paper[v] if v in paper else float("nan"),
+               "timing": mode, "cache_len": cache_len}
+        rows.append({**row, **machine_columns()})
+    return pd.DataFrame(rows)

@@ -1,0 +1,149 @@
+"""The command ``python -m sparse_tutorial.bench COMMAND``: one subcommand per measurement, a table or JSON.
+
+Every command also writes its table as ``_build/bench/<command>.csv`` (``--out-dir`` to change).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import pandas as pd
+
+from ..config import pick
+from ..measure.timing import machine_info
+from .block import BLOCK_SHAPES, BLOCK_VARIANTS, block_decode
+from .ff import ff_layer
+from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
+from .int8 import quant_bench
+from .machine import bandwidth
+from .training import train_step
+from .whole_model import MODEL_VARIANTS, crossover, generate_bench
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sparse_tutorial.bench",
+                                description="Reproduce chapter 5's measurements (tables; --json for JSON).")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    common.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1, as chapter 5: at batch 1 a token is a chain of small "
+                             "operations, and with more threads each waits for the slowest thread, which on a "
+                             "machine shared with other programs dominates; one thread is also timed by its own "
+                             "CPU time, see the module docstring)")
+    common.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
+    common.add_argument("--out-dir", default=str(DEFAULT_CSV_DIR), help="folder for the CSV table")
+    common.add_argument("--no-csv", action="store_true", help="do not write the CSV table")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("bandwidth", parents=[common], help="memory bandwidth (GB/s)")
+    s.add_argument("--size-mb", type=int, default=None)
+
+    s = sub.add_parser("ff", parents=[common], help="one FF layer: dense forward vs SparseFF.decode")
+    s.add_argument("--d-model", type=int, nargs="+", default=[pick(default=4096, fast=512)])
+    s.add_argument("--d-ff", type=int, nargs="+", default=None, help="default: 4 x d-model")
+    s.add_argument("--block-size", type=int, default=64)
+    s.add_argument("--d-lowrank", type=int, default=None, help="default: d_ff / block-size")
+    s.add_argument("--batch", type=int, default=1)
+
+    s = sub.add_parser("block", parents=[common], help="one Transformer block, the paper's four variants")
+    s.add_argument("--shape", nargs="+", default=["800m"], choices=sorted(BLOCK_SHAPES))
+    s.add_argument("--variants", nargs="+", default=list(BLOCK_VARIANTS), choices=list(BLOCK_VARIANTS))
+    s.add_argument("--cache-len", type=int, default=128)
+
+    s = sub.add_parser("generate", parents=[common], help="whole model: prefill and per-token decode")
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 64 (fast: 1 8)")
+    s.add_argument("--d-model", type=int, default=384)
+    s.add_argument("--n-layers", type=int, default=6)
+    s.add_argument("--prompt-len", type=int, default=None, help="default: 100 (fast: 32)")
+    s.add_argument("--new-tokens", type=int, default=None, help="default: 20 (fast: 8)")
+    s.add_argument("--variants", nargs="+", default=list(MODEL_VARIANTS), choices=list(MODEL_VARIANTS))
+    s.add_argument("--sparse-decode-max-rows", type=int, default=None)
+
+    s = sub.add_parser("crossover", parents=[common], help="decode vs dense-masked sparse FF, by batch size")
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=pick(default=[1, 4, 16, 64, 128, 256],
+                                                                       fast=[1, 16, 64]))
+    s.add_argument("--d-model", type=int, default=384)
+    s.add_argument("--n-layers", type=int, default=6)
+
+    s = sub.add_parser("train", parents=[common], help="seconds per training step, dense vs sparse")
+    s.add_argument("--d-model", type=int, default=pick(default=128, fast=64))
+    s.add_argument("--n-layers", type=int, default=pick(default=4, fast=2))
+    s.add_argument("--batch-size", type=int, default=pick(default=32, fast=8))
+    s.add_argument("--context-length", type=int, default=pick(default=128, fast=64))
+
+    s = sub.add_parser("quant", parents=[common], help="int8 weights vs sparse FF, per-token decode")
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    s.add_argument("--d-model", type=int, default=384)
+    s.add_argument("--n-layers", type=int, default=6)
+    return p
+
+
+def _run(args) -> pd.DataFrame:
+    c = args.command
+    if c == "bandwidth":
+        return bandwidth(args.size_mb, args.repeats)
+    if c == "ff":
+        d_ffs = args.d_ff or [4 * d for d in args.d_model]
+        if len(d_ffs) == 1 and len(args.d_model) > 1:
+            d_ffs = d_ffs * len(args.d_model)
+        if len(d_ffs) != len(args.d_model):
+            raise ValueError(f"--d-ff takes one value or one per --d-model, got d_ff={d_ffs} for "
+                             f"d_model={args.d_model}")
+        rows = [ff_layer(d, f, args.block_size, args.d_lowrank, batch=args.batch, repeats=args.repeats)
+                for d, f in zip(args.d_model, d_ffs)]
+        return pd.DataFrame(rows)
+    if c == "block":
+        return pd.concat([block_decode(s, args.variants, cache_len=args.cache_len, repeats=args.repeats,
+                                       progress=False) for s in args.shape], ignore_index=True)
+    if c == "generate":
+        return generate_bench(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers,
+                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, variants=args.variants,
+                              sparse_decode_max_rows=args.sparse_decode_max_rows, repeats=args.repeats,
+                              progress=False)
+    if c == "crossover":
+        return crossover(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers, repeats=args.repeats,
+                         progress=False)
+    if c == "train":
+        return train_step(args.d_model, args.n_layers, batch_size=args.batch_size,
+                          context_length=args.context_length, repeats=args.repeats, progress=False)
+    if c == "quant":
+        return quant_bench(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers, repeats=args.repeats,
+                           progress=False)
+    raise ValueError(f"unknown command {c!r}")  # argparse prevents this
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m sparse_tutorial.bench``; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        with num_threads(args.threads):
+            t0 = time.perf_counter()
+            df = _run(args)
+            elapsed = time.perf_counter() - t0
+            machine = {**machine_info(), "clock": clock_name()}
+    except ValueError as e:
+        parser.error(str(e))                                  # exit status 2 with the message on stderr
+    csv = None if args.no_csv else str(write_csv(df, args.command, args.out_dir))
+    if args.json:
+        print(json.dumps({"command": args.command, "machine": machine, "seconds": elapsed, "csv": csv,
+                          "rows": json.loads(df.to_json(orient="records"))}))
+    else:
+        shown = df.drop(columns=[c for c in ("cpu", "threads", "clock") if c in df.columns])
+        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format",
+                               "{:.4g}".format):
+            print(f"{args.command}: {machine['cpu']}, {machine['logical cores']} logical cores, torch "
+                  f"{machine['torch']} with {machine['torch threads']} threads, timed by {machine['clock']} "
+                  f"({elapsed:.1f} s)")
+            print(shown.to_string(index=False))
+            if csv:
+                print(f"written: {csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

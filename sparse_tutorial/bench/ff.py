@@ -1,0 +1,96 @@
+"""``bench ff``: one FF layer, the dense forward against ``SparseFF.decode`` (cold cache), and by rows."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..config import pick
+from ..layers.dense import DenseFF
+from ..layers.sparse_ff import SparseFF
+from ..measure.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
+from .harness import free_memory, interleaved, machine_columns, positive
+
+__all__ = ["ff_layer", "ff_sweep", "ff_rows"]
+
+
+def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = None, *, batch: int = 1,
+             repeats: int | None = None, warmup: int = 3, n_inputs: int = 8,
+             cold_cache: bool = True) -> dict[str, object]:
+    """Seconds per call of a dense FF layer and of ``SparseFF.decode`` on ``batch`` tokens.
+
+    ``n_inputs`` different random inputs are cycled, so the sparse layer gathers different rows from call
+    to call, as in real decoding. ``limit ratio`` is dense bytes / sparse bytes of weights touched per token
+    (:func:`sparse_tutorial.measure.costs.bytes_limit_ratio`): the speed-up a bandwidth-bound layer could reach.
+    """
+    for name, v in (("d_model", d_model), ("d_ff", d_ff), ("block_size", block_size), ("batch", batch),
+                    ("n_inputs", n_inputs)):
+        positive(name, v)
+    repeats = pick(default=30, fast=8) if repeats is None else repeats
+    dense = DenseFF(d_model, d_ff).eval()
+    sparse = SparseFF(d_model, d_ff, block_size, d_lowrank).eval()      # validates block_size, d_lowrank
+    xs = torch.randn(n_inputs, batch, d_model)                          # (n_inputs, B, d)
+
+    def cycling(fn):
+        state = {"i": 0}
+
+        def call():
+            state["i"] = (state["i"] + 1) % n_inputs
+            return fn(xs[state["i"]])
+        return call
+
+    tiny_x = torch.randn(batch, 32)
+    tiny_dense, tiny_sparse = DenseFF(32, 128).eval(), SparseFF(32, 128, 16).eval()
+    primes = {"dense": lambda: tiny_dense(tiny_x), "sparse": lambda: tiny_sparse.decode(tiny_x)}
+    t = interleaved({"dense": cycling(dense), "sparse": cycling(sparse.decode)}, repeats=repeats,
+                    warmup=warmup, cold_cache=cold_cache, primes=primes)
+    limit = bytes_limit_ratio(d_model, d_ff, block_size, sparse.d_lowrank)
+    speedup = t["dense"] / t["sparse"]
+    return {"d_model": d_model, "d_ff": d_ff, "block_size": block_size, "d_lowrank": sparse.d_lowrank,
+            "batch": batch, "dense s": t["dense"], "sparse s": t["sparse"], "speed-up": speedup,
+            "limit ratio": limit, "share of limit": speedup / limit,
+            "dense MB": dense_ff_cost(d_model, d_ff).bytes() / 1e6,
+            "sparse MB": sparse_ff_cost(d_model, d_ff, block_size, sparse.d_lowrank).bytes() / 1e6,
+            **machine_columns()}
+
+
+def ff_sweep(widths: Sequence[int], *, ff_ratio: int = 4, block_size: int = 64,
+             d_lowrank: int | None = None, batch: int = 1, repeats: int | None = None,
+             cold_cache: bool = True, progress: bool = True) -> pd.DataFrame:
+    """:func:`ff_layer` for every ``d_model`` in ``widths`` with ``d_ff = ff_ratio * d_model``."""
+    widths = list(widths)
+    if not widths:
+        raise ValueError("widths must not be empty")
+    rows = []
+    for d in tqdm(widths, desc="FF layer widths", disable=not progress):
+        rows.append(ff_layer(d, ff_ratio * d, block_size, d_lowrank, batch=batch, repeats=repeats,
+                             cold_cache=cold_cache))
+        free_memory()
+    return pd.DataFrame(rows)
+
+
+def ff_rows(d_model: int, rows: Sequence[int], *, ff_ratio: int = 4, block_size: int = 64,
+            d_lowrank: int | None = None, repeats: int | None = None, warmup: int = 2,
+            progress: bool = True) -> pd.DataFrame:
+    """One FF layer on ``rows`` tokens at once: dense, sparse dense-masked (``forward``) and ``SparseFF.decode``
+    (gathers up to ``block_size`` rows, beyond that one dense first-layer product and a gathered ``W2``).
+    Warm cache (the rows of a batch share the weights)."""
+    rows = [positive("rows", r) for r in rows]
+    if not rows:
+        raise ValueError("rows must not be empty")
+    repeats = pick(default=15, fast=5) if repeats is None else repeats
+    d_ff = ff_ratio * positive("d_model", d_model)
+    dense = DenseFF(d_model, d_ff).eval()
+    sparse = SparseFF(d_model, d_ff, block_size, d_lowrank).eval()
+    out = []
+    for r in tqdm(rows, desc=f"FF {d_model}: rows", disable=not progress):
+        x = torch.randn(r, d_model)
+        t = interleaved({"dense": lambda: dense(x), "masked": lambda: sparse(x),
+                         "decode": lambda: sparse.decode(x)}, repeats=repeats, warmup=warmup)
+        out.append({"d_model": d_model, "d_ff": d_ff, "block_size": block_size, "rows": r,
+                    "dense ms": t["dense"] * 1e3, "masked ms": t["masked"] * 1e3, "decode ms": t["decode"] * 1e3,
+                    "decode / masked": t["decode"] / t["masked"], "decode / dense": t["decode"] / t["dense"],
+                    "masked / dense": t["masked"] / t["dense"], **machine_columns()})
+    return pd.DataFrame(out)

@@ -1,0 +1,149 @@
+"""What every attention kind shares: the key/value cache, the causal attention step, and dense attention.
+
+Shapes in comments: ``B`` batch, ``T`` new tokens in this call, ``P`` tokens already in the cache,
+``C = d_model``, ``H`` heads, ``hd = C / H``.
+
+* :class:`LayerCache` keeps one layer's keys and values (and any extra state) between calls;
+* :func:`cached_attention` is the causal attention of ``T`` new queries over the cached and new keys;
+* :class:`CausalSelfAttention` is the standard multi-head attention of chapters 1 to 3; chapter 4's sparse
+  QKV kinds (:mod:`.qkv`) reuse the first two.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import positive_int, probability
+
+__all__ = ["LayerCache", "cached_attention", "check_attention_input", "CausalSelfAttention"]
+
+
+class LayerCache:
+    """What one attention layer keeps between calls: keys, values and any extra state.
+
+    ``k``, ``v``: ``(B, H, P, hd)`` or None before the first call. ``state`` holds layer-specific
+    tensors (chapter 4's convolution keeps its last inputs there).
+
+    The keys and values live in buffers with room for more positions: :meth:`append` writes the new ones in
+    place and ``k``/``v`` are views of the filled part. A buffer that is full is replaced by one twice as long,
+    so a decoding step copies only its own keys and values, not the whole history (``torch.cat`` would).
+    """
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None, state: dict | None = None):
+        self._k = self._v = None          # (B, H, capacity, hd) buffers; positions [0, length) are filled
+        self._length = 0
+        self.k, self.v = k, v
+        self.state = {} if state is None else state
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, :self._length]
+
+    @k.setter
+    def k(self, value: torch.Tensor | None) -> None:
+        self._k = value
+        self._length = 0 if value is None else value.shape[-2]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, :self._length]
+
+    @v.setter
+    def v(self, value: torch.Tensor | None) -> None:
+        self._v = value
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (the buffers are kept and overwritten by later calls)."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self._length:
+            raise ValueError(f"length must be an integer in [0, {self._length}], got length={length!r}")
+        self._length = length
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the keys and values of ``T`` new positions ``(B, H, T, hd)``; return all of them ``(B, H, P+T, hd)``."""
+        P, T = self._length, k.shape[-2]
+        n = P + T
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Autograd: no in-place writes into tensors an earlier call may have saved for backward.
+            k_all = k if P == 0 else torch.cat([self.k, k], dim=-2)
+            v_all = v if P == 0 else torch.cat([self.v, v], dim=-2)
+            self._k, self._v, self._length = k_all, v_all, n
+            return k_all, v_all
+        buf = self._k
+        if (buf is None or P == 0 or n > buf.shape[-2] or buf.shape[:2] != k.shape[:2]
+                or buf.shape[-1] != k.shape[-1] or buf.dtype != k.dtype or buf.device != k.device
+                or self._v is None or self._v.shape[-2] != buf.shape[-2]):
+            capacity = max(n, 2 * P)                                   # room for as many new positions as old
+            new_k = k.new_empty(k.shape[:2] + (capacity, k.shape[-1]))
+            new_v = v.new_empty(v.shape[:2] + (capacity, v.shape[-1]))
+            if P:
+                new_k[:, :, :P].copy_(self._k[:, :, :P])
+                new_v[:, :, :P].copy_(self._v[:, :, :P])
+            self._k, self._v = new_k, new_v
+        self._k[:, :, P:n].copy_(k)
+        self._v[:, :, P:n].copy_(v)
+        self._length = n
+        return self._k[:, :, :n], self._v[:, :, :n]
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None,
+                     dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of ``T`` new queries over the cached and the new keys.
+
+    q, k, v: ``(B, H, T, hd)`` for the new positions; the cache (if any) is extended with k and v
+    (:meth:`LayerCache.append`).
+    Returns ``(B, H, T, hd)``.
+    """
+    past = 0
+    if cache is not None:
+        past = cache.length
+        k, v = cache.append(k, v)                 # (B, H, P+T, hd), written in place into the cache's buffers
+    T, S = q.shape[-2], k.shape[-2]
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if T == 1:  # one new token sees every cached position: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)  # (T, P+T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+def check_attention_input(x: torch.Tensor, d_model: int) -> tuple[int, int, int]:
+    """``(B, T, C)`` of ``x``; a ValueError naming ``x`` unless it is a ``(batch, time, d_model)`` tensor."""
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"x must be a (batch, time, d_model={d_model}) tensor, got a tensor of shape {tuple(x.shape)}")
+    return x.shape
+
+
+class CausalSelfAttention(nn.Module):
+    """Standard multi-head attention: dense Q, K, V projections and an output projection."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.d_model = positive_int("d_model", d_model)
+        self.n_heads = positive_int("n_heads", n_heads)
+        if d_model % n_heads:
+            raise ValueError(f"d_model must be divisible by n_heads, got d_model={d_model}, n_heads={n_heads}")
+        self.qkv = nn.Linear(d_model, 3 * d_model)     # weight (3C, C): Q, K and V in one product
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = probability("dropout", dropout)
+        self.resid_dropout = nn.Dropout(self.dropout)
+
+    def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
+        """Q, K, V for the new tokens, each ``(B, H, T, hd)``."""
+        B, T, C = check_attention_input(x, self.d_model)
+        q, k, v = self.qkv(x).split(C, dim=-1)                                  # 3 x (B, T, C)
+        return tuple(t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, C = check_attention_input(x, self.d_model)
+        q, k, v = self.heads(x)
+        y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}"
