@@ -37,6 +37,9 @@ class ModelConfig:
     ff_block_size: int = 32          # units per block (the paper's N); d_ff / ff_block_size are active
     d_lowrank: int | None = None     # controller rank; None -> d_ff // ff_block_size
     controller: str = "lowrank"      # "lowrank" | "full" | "mlp" (chapter 2)
+    ff_hard_prob: float = 0.3        # share of training calls with the hard mask (the reference's 0.3)
+    ff_noise_scale: float = 0.1      # Gumbel noise multiplier of the training choice (the reference's 0.1)
+    ff_init: str = "torch"           # "torch" | "reference" (SparseFF's init; chapter 3, "Closing the gap")
     qkv: str = "dense"               # a kind of layers.registry.QKV_KINDS, e.g. "conv" (chapter 4)
     qkv_modules: int | None = None   # S, the number of modules of the sparse QKV layers; None -> sqrt(d_model)
 

@@ -21,7 +21,7 @@ from . import config as run_config
 from .data import TextData
 from .model import ModelConfig, TransformerLM
 
-__all__ = ["TrainConfig", "book_train_config", "seed_train_config", "estimate_loss", "train_lm",
+__all__ = ["TrainConfig", "hard_prob_at", "book_train_config", "seed_train_config", "estimate_loss", "train_lm",
            "compare_step_times"]
 
 
@@ -37,6 +37,11 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 20
     seed: int = 1337
+    #: anneal the sparse FF layers' hard-mask share linearly from their ``hard_prob`` to this value, over the
+    #: steps from ``hard_anneal_start * steps`` to the end (None: keep it constant). Evaluation always uses the
+    #: hard mask, so ending training at 1.0 makes the two agree.
+    hard_prob_final: float | None = None
+    hard_anneal_start: float = 0.5
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "eval_batches"):
@@ -45,6 +50,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got lr={self.lr!r}")
+        if self.hard_prob_final is not None and not (isinstance(self.hard_prob_final, (int, float))
+                                                     and 0.0 <= self.hard_prob_final <= 1.0):
+            raise ValueError(f"hard_prob_final must be None or in [0, 1], got hard_prob_final={self.hard_prob_final!r}")
+        if not (isinstance(self.hard_anneal_start, (int, float)) and 0.0 <= self.hard_anneal_start <= 1.0):
+            raise ValueError(f"hard_anneal_start must be in [0, 1], got hard_anneal_start={self.hard_anneal_start!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +102,17 @@ def _lr_at(step: int, tc: TrainConfig) -> float:
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def hard_prob_at(step: int, tc: TrainConfig, start_prob: float) -> float:
+    """The hard-mask share of training step ``step``: ``start_prob``, then linear to ``tc.hard_prob_final``."""
+    if tc.hard_prob_final is None:
+        return start_prob
+    begin = tc.hard_anneal_start * tc.steps
+    if step < begin:
+        return start_prob
+    frac = min(1.0, (step + 1 - begin) / max(1.0, tc.steps - begin))
+    return start_prob + frac * (tc.hard_prob_final - start_prob)
+
+
 def train_lm(model: TransformerLM, data: TextData, tc: TrainConfig, *, progress: bool = True,
              desc: str | None = None) -> pd.DataFrame:
     """Train ``model`` in place; return the history as a DataFrame.
@@ -106,12 +127,16 @@ def train_lm(model: TransformerLM, data: TextData, tc: TrainConfig, *, progress:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.99))
     rows, step_time, steps_timed = [], 0.0, 0
+    sparse_layers = [m for m in model.modules() if hasattr(m, "hard_prob")]   # the FF layers with a hard mask
+    start_probs = [m.hard_prob for m in sparse_layers]
     model.train()
     bar = tqdm(range(tc.steps), desc=desc or f"train {model.cfg.ff} FF", disable=not progress)
     for step in bar:
         lr = _lr_at(step, tc)
         for group in opt.param_groups:
             group["lr"] = lr
+        for layer, p0 in zip(sparse_layers, start_probs):
+            layer.hard_prob = hard_prob_at(step, tc, p0)
         x, y = data.get_batch("train", tc.batch_size, model.cfg.context_length, generator=g)
         t0 = time.perf_counter()
         _, loss = model(x, y)
@@ -129,6 +154,8 @@ def train_lm(model: TransformerLM, data: TextData, tc: TrainConfig, *, progress:
                              sec_per_step=step_time / steps_timed))
             step_time, steps_timed = 0.0, 0
             bar.set_postfix(train=f"{losses['train']:.3f}", val=f"{losses['val']:.3f}")
+    for layer, p0 in zip(sparse_layers, start_probs):
+        layer.hard_prob = p0                   # the model keeps its configured share
     model.eval()
     return pd.DataFrame(rows)
 

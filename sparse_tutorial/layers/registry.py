@@ -33,7 +33,8 @@ def _sparse_ff(cfg) -> SparseFF:
     if cfg.d_ff % cfg.ff_block_size:
         raise ValueError(f"d_ff must be divisible by ff_block_size, got d_ff={cfg.d_ff}, "
                          f"ff_block_size={cfg.ff_block_size}")
-    return SparseFF(cfg.d_model, cfg.d_ff, cfg.ff_block_size, cfg.d_lowrank, cfg.dropout, controller=cfg.controller)
+    return SparseFF(cfg.d_model, cfg.d_ff, cfg.ff_block_size, cfg.d_lowrank, cfg.dropout, controller=cfg.controller,
+                    noise_scale=cfg.ff_noise_scale, hard_prob=cfg.ff_hard_prob, init=cfg.ff_init)
 
 
 #: ``ModelConfig.ff`` -> the feed-forward layer of every block (chapters 1-3, 5)

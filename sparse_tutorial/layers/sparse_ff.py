@@ -77,6 +77,9 @@ class MLPController(nn.Module):
         return self.c2(F.relu(self.c1(x)))
 
 
+#: the initialisations :class:`SparseFF` offers (see its ``init`` argument)
+INITS = ("torch", "reference")
+
 CONTROLLERS = {"lowrank": LowRankController, "full": FullRankController, "mlp": MLPController}
 
 
@@ -118,7 +121,12 @@ class SparseFF(FeedForward):
         dropout: dropout on the output.
         controller: ``"lowrank"`` (the paper's), ``"full"`` or ``"mlp"``; see chapter 2.
         noise_scale: Gumbel noise multiplier in training (the reference's temperature, 0.1).
-        hard_prob: probability that a training call uses the hard straight-through mask (0.3).
+        hard_prob: probability that a training call uses the hard straight-through mask (0.3). A training loop
+            may change it between steps (:class:`~sparse_tutorial.train.TrainConfig` can anneal it to 1).
+        init: ``"torch"`` (PyTorch's ``nn.Linear`` ranges for ``W1``, ``W2`` and the controller, the book's
+            first default) or ``"reference"`` (the reference code's: Glorot-uniform ``W1``, ``W2``, ``C1``,
+            ``C2``; controller bias and ``b2`` drawn from Normal(0, 1e-6)). Chapter 3's "Closing the gap"
+            measures both.
 
     Parameters are stored so the decode path reads contiguous memory: ``w1`` is ``W1^T`` with one row of
     ``d_model`` weights per hidden unit, ``w2`` is ``W2`` with one row per hidden unit.
@@ -138,6 +146,7 @@ class SparseFF(FeedForward):
         controller: str = "lowrank",
         noise_scale: float = 0.1,
         hard_prob: float = 0.3,
+        init: str = "torch",
     ):
         super().__init__()
         positive_int("d_model", d_model)
@@ -157,7 +166,10 @@ class SparseFF(FeedForward):
         if noise_scale < 0:
             raise ValueError(f"noise_scale must be >= 0, got noise_scale={noise_scale!r}")
 
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got init={init!r}")
         self.d_model, self.d_ff, self.block_size, self.d_lowrank = d_model, d_ff, block_size, d_lowrank
+        self.init = init
         self.n_blocks = d_ff // block_size
         self.noise_scale, self.hard_prob = float(noise_scale), float(hard_prob)
         self.controller_kind = controller
@@ -176,7 +188,19 @@ class SparseFF(FeedForward):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Same ranges as nn.Linear(d_model, d_ff) and nn.Linear(d_ff, d_model).
+        if self.init == "reference":
+            # The reference code's: Glorot-uniform matrices, (almost) zero biases. The controller's scores then
+            # start near zero, so every unit of a block starts with about the same probability.
+            for w in (self.w1, self.w2):
+                nn.init.xavier_uniform_(w)
+            for name, param in self.controller.named_parameters():
+                if param.dim() >= 2:
+                    nn.init.xavier_uniform_(param)
+                else:
+                    nn.init.normal_(param, std=1e-6)
+            nn.init.normal_(self.b2, std=1e-6)
+            return
+        # Same ranges as nn.Linear(d_model, d_ff) and nn.Linear(d_ff, d_model); the controller keeps nn.Linear's.
         nn.init.uniform_(self.w1, -1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_model))
         nn.init.uniform_(self.w2, -1 / math.sqrt(self.d_ff), 1 / math.sqrt(self.d_ff))
         nn.init.zeros_(self.b2)
@@ -184,7 +208,8 @@ class SparseFF(FeedForward):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
-            f"n_blocks={self.n_blocks}, d_lowrank={self.d_lowrank}, controller={self.controller_kind!r}"
+            f"n_blocks={self.n_blocks}, d_lowrank={self.d_lowrank}, controller={self.controller_kind!r}, "
+            f"hard_prob={self.hard_prob}, noise_scale={self.noise_scale}, init={self.init!r}"
         )
 
     def active_params_per_token(self) -> int:

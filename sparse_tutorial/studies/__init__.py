@@ -4,5 +4,6 @@
 * :mod:`.selection`: how sparse FF layers pick their units, the controller experiments (chapter 2);
 * :mod:`.quality`: loss targets and quality tables of the trained models (chapter 3);
 * :mod:`.qkv_study`: sparse QKV parameter counts, permutations, attention maps (chapter 4);
+* :mod:`.gap`: the quality study behind chapter 3's "Closing the gap" (``python -m sparse_tutorial.studies``);
 * :mod:`.decode_plots`: the decoding-speed figures (chapter 5).
 """

@@ -1,0 +1,224 @@
+"""Chapter 3, "Closing the gap": what narrows the loss gap between the sparse and the dense FF model.
+
+A *study* is a grid of training runs of the book's Tiny Shakespeare model (:func:`~sparse_tutorial.model.book_config`,
+:func:`~sparse_tutorial.train.book_train_config`), each changing one lever, with the same seed, batches and optimizer
+for dense and sparse. Each finished run is appended to a CSV at once; started again, the study skips the runs the
+CSV already holds, so a long grid can be stopped and resumed. The CSV opens with its provenance (command, machine,
+date, package version) in ``#`` comment lines, and every row repeats the machine and the date.
+
+Run it from the command line (the grids are listed by ``--help``)::
+
+    python -m sparse_tutorial.studies quality --grid levers --steps 400 --seeds 0 1 2
+    python -m sparse_tutorial.studies quality --grid steps --steps 500 1500 3000
+    python -m sparse_tutorial.studies quality --grid width --steps 1500
+
+The chapter reads the committed CSV with :func:`read_study` and turns it into the gap table with :func:`gap_table`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..data import load_tiny_shakespeare
+from ..measure.timing import machine_summary
+from ..model import TransformerLM, book_config
+from ..train import book_train_config, train_lm
+
+__all__ = ["Lever", "LEVERS", "GRIDS", "grid_runs", "run_study", "read_study", "gap_table", "main"]
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One setting of the study: a name, the FF kind, and overrides of the model and training configs."""
+
+    name: str
+    ff: str = "sparse"
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+
+#: Every lever, one change at a time from the book's sparse model (N 32, 30% hard calls, PyTorch init), then combined.
+LEVERS: dict[str, Lever] = {lever.name: lever for lever in [
+    Lever("dense", ff="dense"),
+    Lever("sparse"),
+    Lever("hard share 0.3->1", train=dict(hard_prob_final=1.0, hard_anneal_start=0.5)),
+    Lever("always hard", model=dict(ff_hard_prob=1.0)),
+    Lever("reference init", model=dict(ff_init="reference")),
+    Lever("noise 0.3", model=dict(ff_noise_scale=0.3)),
+    Lever("noise 0", model=dict(ff_noise_scale=0.0)),
+    Lever("rank x4", model=dict(d_lowrank=64)),
+    Lever("N 16", model=dict(ff_block_size=16)),
+    Lever("N 8", model=dict(ff_block_size=8)),
+    Lever("N 8, always hard", model=dict(ff_block_size=8, ff_hard_prob=1.0)),
+    Lever("N 8, hard 0.3->1, ref init", model=dict(ff_block_size=8, ff_init="reference"),
+          train=dict(hard_prob_final=1.0, hard_anneal_start=0.5)),
+]}
+
+#: The grids: lists of lever names, or (for "width") levers built per model size.
+GRIDS = ("levers", "steps", "blocks", "width")
+
+
+def _width_levers() -> list[Lever]:
+    levers = []
+    for d in (64, 128, 256):
+        size = dict(d_model=d, d_ff=4 * d, n_heads=max(1, d // 32))
+        levers += [Lever(f"dense d{d}", ff="dense", model=size), Lever(f"sparse d{d}", model=size)]
+    return levers
+
+
+def grid_runs(grid: str, levers: list[str] | None = None) -> list[Lever]:
+    """The levers a grid trains (``levers`` narrows the "levers" and "steps" grids to those names)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got grid={grid!r}")
+    if grid == "width":
+        return _width_levers()
+    if grid == "blocks":
+        return [LEVERS["dense"]] + [Lever(f"N {n}", model=dict(ff_block_size=n)) for n in (8, 16, 32, 64)]
+    names = levers or (list(LEVERS) if grid == "levers" else ["dense", "sparse"])
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise ValueError(f"unknown lever(s) {unknown}; choose from {list(LEVERS)}")
+    return [LEVERS[n] for n in names]
+
+
+KEY = ("grid", "lever", "seed", "steps")
+
+
+def _provenance(argv: list[str] | None) -> list[str]:
+    command = "python -m sparse_tutorial.studies " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return [f"command: {command}", f"machine: {machine_summary()}",
+            f"date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"version: sparse_tutorial {__version__}, torch {torch.__version__}, python {platform.python_version()}",
+            f"torch threads: {torch.get_num_threads()}"]
+
+
+def read_study(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """The study's rows and its ``#`` provenance lines (empty frame and list when the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame(columns=list(KEY)), []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = [line[1:].strip() for line in lines if line.startswith("#")]
+    try:
+        rows = pd.read_csv(path, comment="#")
+    except pd.errors.EmptyDataError:
+        rows = pd.DataFrame(columns=list(KEY))
+    missing = [c for c in KEY if c not in rows.columns]
+    if missing:
+        raise ValueError(f"{path} is not a quality-study CSV (columns {missing} are missing); move it away or "
+                         f"pass another --out")
+    return rows, header
+
+
+def _append(path: Path, row: dict, header: list[str]) -> None:
+    """Append one row; a new file gets the provenance lines and the column names first (written atomically)."""
+    frame = pd.DataFrame([row])
+    if path.is_file() and path.stat().st_size:
+        with path.open("a", encoding="utf-8") as f:
+            frame.to_csv(f, header=False, index=False)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(f"# {line}\n" for line in header)
+        frame.to_csv(f, index=False)
+    os.replace(tmp, path)
+
+
+def run_study(grid: str, steps: list[int], seeds: list[int], out: str | os.PathLike, *,
+              levers: list[str] | None = None, argv: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Train every (lever, steps, seed) of ``grid`` not yet in ``out``; append each run as it finishes.
+
+    Returns the whole CSV (old and new rows). Runs already present (same grid, lever, seed and steps) are skipped.
+    """
+    for name, values in (("steps", steps), ("seeds", seeds)):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "steps" else 0)
+                             for v in values):
+            raise ValueError(f"{name} must be a non-empty list of {'positive' if name == 'steps' else 'non-negative'}"
+                             f" integers, got {name}={values!r}")
+    out = Path(out)
+    done, _ = read_study(out)
+    have = {tuple(str(v) for v in r) for r in done[list(KEY)].itertuples(index=False)}
+    todo = [(lever, n, seed) for n in steps for seed in seeds for lever in grid_runs(grid, levers)
+            if (grid, lever.name, str(seed), str(n)) not in have]
+    header = _provenance(argv)
+    machine = header[1].removeprefix("machine: ")
+    data = load_tiny_shakespeare()
+    for lever, n, seed in tqdm(todo, desc=f"quality study ({grid})", disable=not progress):
+        cfg = book_config(lever.ff, vocab_size=len(data.vocab), **lever.model)
+        tc = book_train_config(steps=n, seed=seed, **lever.train)
+        torch.manual_seed(seed)
+        model = TransformerLM(cfg)
+        t0 = time.perf_counter()
+        history = train_lm(model, data, tc, progress=False)
+        last = history.iloc[-1]
+        _append(out, dict(grid=grid, lever=lever.name, seed=seed, steps=n, ff=lever.ff, d_model=cfg.d_model,
+                          d_ff=cfg.d_ff, block_size=cfg.ff_block_size, params=model.num_params(),
+                          model_overrides=repr(lever.model), train_overrides=repr(lever.train),
+                          train_loss=round(float(last.train_loss), 5), val_loss=round(float(last.val_loss), 5),
+                          minutes=round((time.perf_counter() - t0) / 60, 2), machine=machine,
+                          date=_dt.date.today().isoformat()), header)
+    return read_study(out)[0]
+
+
+def _dense_of(lever: str) -> str:
+    """The dense run a lever is compared with: ``dense dNN`` for the width grid, ``dense`` otherwise."""
+    return "dense " + lever.split()[-1] if lever.startswith("sparse d") else "dense"
+
+
+def gap_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean val loss per (grid, lever, steps) over seeds, its spread, and the gap to the matching dense runs.
+
+    ``gap %`` compares the lever with the dense run of the same seed, steps and size, then averages over seeds;
+    ``spread %`` is the range of the lever's own val loss across seeds (as % of its mean), so a gap smaller than
+    the spread is noise.
+    """
+    if rows.empty:
+        return pd.DataFrame(columns=["grid", "lever", "steps", "seeds", "val loss", "spread %", "gap %"])
+    dense = rows[rows.ff == "dense"].set_index(["grid", "lever", "seed", "steps"]).val_loss
+    out = []
+    for (grid, lever, n), group in rows.groupby(["grid", "lever", "steps"], sort=False):
+        gaps = [100 * (r.val_loss / dense[(grid, _dense_of(lever), r.seed, n)] - 1) for r in group.itertuples()
+                if (grid, _dense_of(lever), r.seed, n) in dense.index]
+        mean = group.val_loss.mean()
+        out.append({"grid": grid, "lever": lever, "steps": n, "seeds": len(group), "val loss": round(mean, 4),
+                    "spread %": round(100 * (group.val_loss.max() - group.val_loss.min()) / mean, 2),
+                    "gap %": round(sum(gaps) / len(gaps), 2) if gaps else math.nan})
+    return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(prog="python -m sparse_tutorial.studies",
+                                     description="Chapter 3's quality study: train a grid of dense and sparse "
+                                                 "models and append each run to a CSV (resumable).")
+    sub = parser.add_subparsers(dest="study", required=True)
+    q = sub.add_parser("quality", help="the sparse-dense loss gap against one lever at a time")
+    q.add_argument("--grid", choices=GRIDS, default="levers",
+                   help="levers: every lever of LEVERS; steps: dense and sparse at each --steps; blocks: N 8..64; "
+                        "width: d_model 64/128/256 at d_ff = 4 d_model")
+    q.add_argument("--levers", nargs="+", default=None, help=f"narrow the grid to these levers: {list(LEVERS)}")
+    q.add_argument("--steps", nargs="+", type=int, default=None, help="training steps (default: the book's)")
+    q.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    q.add_argument("--out", default="results/quality_gap.csv", help="the CSV to append to (default: %(default)s)")
+    args = parser.parse_args(argv)
+    steps = args.steps or [book_train_config().steps]
+    try:
+        rows = run_study(args.grid, steps, args.seeds, args.out, levers=args.levers, argv=argv)
+    except ValueError as err:
+        parser.error(str(err))
+    table = gap_table(rows[rows.grid == args.grid])
+    print(table.to_string(index=False))
+    return table

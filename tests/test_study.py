@@ -1,0 +1,132 @@
+"""The quality study (chapter 3, "Closing the gap"): its command, its CSV, resuming, the gap table, the levers."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from sparse_tutorial.data import CharVocab, TextData
+from sparse_tutorial.layers import SparseFF
+from sparse_tutorial.model import TransformerLM, book_config
+from sparse_tutorial.studies import gap
+from sparse_tutorial.train import TrainConfig, book_train_config, hard_prob_at, train_lm
+
+
+@pytest.fixture
+def tiny_text() -> TextData:
+    """A small corpus in memory (no data folder needed), split 90/10 like Tiny Shakespeare."""
+    text = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak.\n" * 40
+    vocab = CharVocab(text)
+    ids = torch.tensor(vocab.encode(text), dtype=torch.long)
+    n = int(len(ids) * 0.9)
+    return TextData(vocab=vocab, train=ids[:n], val=ids[n:])
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tiny_text, monkeypatch):
+    """The study on the tiny corpus of conftest (fast mode), writing to a temporary CSV."""
+    monkeypatch.setattr(gap, "load_tiny_shakespeare", lambda: tiny_text)
+    return tmp_path / "results" / "quality.csv"
+
+
+def test_study_command_writes_provenance_and_rows_then_resumes(tiny_study, capsys):
+    argv = ["quality", "--grid", "levers", "--levers", "dense", "sparse", "--steps", "4", "--seeds", "0", "1",
+            "--out", str(tiny_study)]
+    table = gap.main(argv)
+    rows, header = gap.read_study(tiny_study)
+    assert [line.split(":")[0] for line in header] == ["command", "machine", "date", "version", "torch threads"]
+    assert "--levers dense sparse" in header[0]
+    assert len(rows) == 4 and set(rows.lever) == {"dense", "sparse"} and set(rows.seed) == {0, 1}
+    assert rows.val_loss.between(0, 20).all() and (rows.steps == 4).all()
+    assert set(table.lever) == {"dense", "sparse"}
+    assert table.set_index("lever").loc["dense", "gap %"] == 0
+    assert "gap %" in capsys.readouterr().out
+    mtime = tiny_study.stat().st_mtime_ns
+    gap.main(argv)                                        # everything is there: nothing is trained or written
+    assert tiny_study.stat().st_mtime_ns == mtime
+    gap.main(argv[:-2] + ["--seeds", "2", "--out", str(tiny_study)])  # a new seed: only its two runs
+    rows, header2 = gap.read_study(tiny_study)
+    assert len(rows) == 6 and header2 == header
+
+
+def test_gap_table_compares_each_seed_with_its_own_dense_run():
+    rows = pd.DataFrame([
+        dict(grid="g", lever="dense", seed=0, steps=10, ff="dense", val_loss=2.0),
+        dict(grid="g", lever="dense", seed=1, steps=10, ff="dense", val_loss=1.0),
+        dict(grid="g", lever="sparse", seed=0, steps=10, ff="sparse", val_loss=2.2),
+        dict(grid="g", lever="sparse", seed=1, steps=10, ff="sparse", val_loss=1.05),
+        dict(grid="w", lever="dense d64", seed=0, steps=10, ff="dense", val_loss=3.0),
+        dict(grid="w", lever="sparse d64", seed=0, steps=10, ff="sparse", val_loss=3.3),
+    ])
+    table = gap.gap_table(rows).set_index("lever")
+    assert table.loc["sparse", "gap %"] == pytest.approx(7.5)       # mean of +10% and +5%, not of the means
+    assert table.loc["sparse", "spread %"] == pytest.approx(100 * 1.15 / 1.625, abs=0.01)
+    assert table.loc["sparse d64", "gap %"] == pytest.approx(10.0)  # compared with dense d64, not dense
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quality", "--steps", "0"], "steps must be"),
+    (["quality", "--seeds", "-1"], "seeds must be"),
+    (["quality", "--levers", "bogus"], "unknown lever"),
+])
+def test_study_bad_arguments_name_them(tiny_study, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        gap.main(argv + ["--out", str(tiny_study)])
+    assert message in capsys.readouterr().err
+    assert not tiny_study.exists()
+
+
+def test_a_foreign_csv_is_refused_by_name(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="other.csv is not a quality-study CSV"):
+        gap.read_study(path)
+
+
+def test_hard_share_schedule_anneals_then_restores():
+    tc = TrainConfig(steps=10, hard_prob_final=1.0, hard_anneal_start=0.5)
+    shares = [hard_prob_at(s, tc, 0.3) for s in range(10)]
+    assert shares[:5] == [0.3] * 5 and shares[-1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(shares[4:], shares[5:]))
+    assert hard_prob_at(3, TrainConfig(steps=10), 0.3) == 0.3
+    with pytest.raises(ValueError, match="hard_prob_final"):
+        TrainConfig(hard_prob_final=1.5)
+    with pytest.raises(ValueError, match="hard_anneal_start"):
+        TrainConfig(hard_anneal_start=-0.1)
+
+
+def test_train_lm_applies_the_schedule_and_keeps_the_configured_share(tiny_text, monkeypatch):
+    cfg = book_config("sparse", vocab_size=len(tiny_text.vocab))
+    model = TransformerLM(cfg)
+    seen = []
+    original = SparseFF.mask
+
+    def spy(self, x):
+        if self.training:
+            seen.append(self.hard_prob)
+        return original(self, x)
+
+    monkeypatch.setattr(SparseFF, "mask", spy)
+    tc = book_train_config(steps=6, eval_every=100, hard_prob_final=1.0, hard_anneal_start=0.5)
+    train_lm(model, tiny_text, tc, progress=False)
+    per_step = seen[::cfg.n_layers]
+    assert per_step[0] == pytest.approx(0.3) and per_step[-1] == pytest.approx(1.0)
+    assert all(m.hard_prob == 0.3 for m in model.modules() if isinstance(m, SparseFF))
+
+
+def test_reference_init_draws_glorot_matrices_and_near_zero_biases():
+    torch.manual_seed(0)
+    ff = SparseFF(64, 256, 16, init="reference")
+    bound = (6 / (64 + 256)) ** 0.5                    # Glorot-uniform bound of a 64 x 256 matrix
+    assert ff.w1.abs().max() <= bound and ff.w1.abs().max() > 0.9 * bound
+    assert ff.b2.abs().max() < 1e-4 and ff.controller.c2.bias.abs().max() < 1e-4
+    torch_ff = SparseFF(64, 256, 16)
+    assert torch_ff.controller.c2.bias.abs().max() > 1e-2   # nn.Linear's default bias range is much wider
+    with pytest.raises(ValueError, match="init must be one of"):
+        SparseFF(64, 256, 16, init="glorot")
+
+
+def test_model_config_passes_the_levers_to_every_sparse_layer():
+    cfg = book_config("sparse", ff_hard_prob=1.0, ff_noise_scale=0.0, ff_init="reference")
+    layers = [m for m in TransformerLM(cfg).modules() if isinstance(m, SparseFF)]
+    assert layers and all((m.hard_prob, m.noise_scale, m.init) == (1.0, 0.0, "reference") for m in layers)
