@@ -37,7 +37,11 @@ from ..measure.timing import machine_summary
 from ..model import TransformerLM, book_config
 from ..train import book_train_config, train_lm
 
-__all__ = ["Lever", "LEVERS", "GRIDS", "grid_runs", "run_study", "read_study", "gap_table", "main"]
+__all__ = ["Lever", "LEVERS", "GRIDS", "STUDY_CSV", "grid_runs", "run_study", "read_study", "gap_table",
+           "provenance_caption", "plot_levers", "plot_gap_against", "main"]
+
+#: The study the book plots: ``results/quality_gap.csv`` at the root of the book's repository.
+STUDY_CSV = Path(__file__).resolve().parents[2] / "results" / "quality_gap.csv"
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,49 @@ def gap_table(rows: pd.DataFrame) -> pd.DataFrame:
                     "spread %": round(100 * (group.val_loss.max() - group.val_loss.min()) / mean, 2),
                     "gap %": round(sum(gaps) / len(gaps), 2) if gaps else math.nan})
     return pd.DataFrame(out)
+
+
+def provenance_caption(header: list[str]) -> str:
+    """"recorded by `<command>` on <machine>, <date>" from a study's provenance lines."""
+    info = dict(line.split(": ", 1) for line in header if ": " in line)
+    return (f"recorded by `{info.get('command', '?')}` on {info.get('machine', '?')}, "
+            f"{info.get('date', '?')[:10]} ({info.get('version', '?')})")
+
+
+def plot_levers(table: pd.DataFrame, *, ax=None, title: str = ""):
+    """Horizontal bars: the gap to dense of every lever (one bar per lever and step count), spread as error bars."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1.2), layout="constrained")
+    labels = [f"{r.lever} ({r.steps} steps)" for r in table.itertuples()]
+    colors = ["#888888" if lever.startswith("dense") else "#c44e52" if g > 2 else "#55a868"
+              for lever, g in zip(table["lever"], table["gap %"])]
+    ax.barh(labels, table["gap %"], xerr=table["spread %"] / 2, color=colors, capsize=3)
+    ax.axvline(2, color="k", ls="--", lw=1, label="target: within 2%")
+    ax.invert_yaxis()
+    ax.set_xlabel("val loss above the dense model of the same seed (%)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    return ax
+
+
+def plot_gap_against(table: pd.DataFrame, x: str, *, ax=None, xlabel: str | None = None, title: str = ""):
+    """The gap to dense (%) against a column of ``table`` (``steps``, or a number parsed from the lever name)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
+    ax.errorbar(table[x], table["gap %"], yerr=table["spread %"] / 2, marker="o", capsize=3)
+    ax.axhline(2, color="k", ls="--", lw=1, label="target: within 2%")
+    ax.axhline(0, color="#888888", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(table[x].unique()), [str(v) for v in sorted(table[x].unique())])
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel("sparse val loss above dense (%)")
+    ax.set_title(title)
+    ax.legend()
+    return ax
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
