@@ -40,6 +40,10 @@ class ModelConfig:
     ff_hard_prob: float = 0.3        # share of training calls with the hard mask (the reference's 0.3)
     ff_noise_scale: float = 0.1      # Gumbel noise multiplier of the training choice (the reference's 0.1)
     ff_init: str = "torch"           # "torch" | "reference" (SparseFF's init; chapter 3, "Closing the gap")
+    moe_experts: int = 4             # ff="moe": experts, each of width d_ff / moe_experts (chapter 6)
+    moe_top_k: int = 1               # ff="moe": experts per token
+    pkm_top_k: int = 8               # ff="pkm": memory slots read per head (the memory has isqrt(2 d_ff)^2 slots)
+    pkm_heads: int = 2               # ff="pkm": query heads
     qkv: str = "dense"               # a kind of layers.registry.QKV_KINDS, e.g. "conv" (chapter 4)
     qkv_modules: int | None = None   # S, the number of modules of the sparse QKV layers; None -> sqrt(d_model)
 

@@ -140,6 +140,9 @@ def train_lm(model: TransformerLM, data: TextData, tc: TrainConfig, *, progress:
         x, y = data.get_batch("train", tc.batch_size, model.cfg.context_length, generator=g)
         t0 = time.perf_counter()
         _, loss = model(x, y)
+        aux = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
+        if aux:                                    # e.g. a mixture of experts' load-balancing loss
+            loss = loss + sum(aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:

@@ -13,13 +13,17 @@ the contract tests (``tests/test_layer_contract.py``) find it here; nothing else
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from torch import nn
 
+from .._checks import positive_int
 from .attention import CausalSelfAttention
 from .base import FeedForward
 from .dense import DenseFF
+from .moe import MoEFF
+from .pkm import ProductKeyMemory
 from .qkv import ConvQKVAttention, MultiplicativeAttention, resolve_qkv_modules
 from .sparse_ff import SparseFF
 
@@ -37,10 +41,19 @@ def _sparse_ff(cfg) -> SparseFF:
                     noise_scale=cfg.ff_noise_scale, hard_prob=cfg.ff_hard_prob, init=cfg.ff_init)
 
 
+def _pkm(cfg) -> ProductKeyMemory:
+    # n_keys ** 2 value rows of d_model weights ~ the 2 d_model d_ff weights of a dense FF of width d_ff
+    n_keys = math.isqrt(2 * positive_int("d_ff", cfg.d_ff))
+    return ProductKeyMemory(cfg.d_model, n_keys, top_k=min(cfg.pkm_top_k, n_keys), heads=cfg.pkm_heads,
+                            dropout=cfg.dropout)
+
+
 #: ``ModelConfig.ff`` -> the feed-forward layer of every block (chapters 1-3, 5)
 FF_KINDS: dict[str, Factory] = {
     "dense": lambda cfg: DenseFF(cfg.d_model, cfg.d_ff, cfg.dropout),
     "sparse": _sparse_ff,
+    "moe": lambda cfg: MoEFF(cfg.d_model, cfg.d_ff, cfg.moe_experts, cfg.moe_top_k, cfg.dropout),   # chapter 6
+    "pkm": _pkm,                                                                                      # chapter 6
 }
 
 #: ``ModelConfig.qkv`` -> the attention layer of every block (chapter 4); the sparse kinds use ``S`` modules
