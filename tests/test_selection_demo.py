@@ -57,12 +57,12 @@ def test_choice_frequencies_follow_the_softmax_target():
 def test_gradient_reach_hard_call_reaches_every_score_but_only_chosen_rows():
     ff, x = worked_example()
     hard = gradient_reach(ff, x, hard=True)
-    assert hard["mask in forward"].tolist() == [0, 0, 1, 0, 0, 1, 0, 0]
-    assert (hard["d loss / d score"].abs() > 0).all()                      # every unit's score
-    assert (hard["|d loss / d W1ᵀ row|"] > 0).tolist() == [u in (2, 5) for u in range(8)]
+    assert hard["mask"].tolist() == [0, 0, 1, 0, 0, 1, 0, 0]
+    assert (hard["grad score"].abs() > 0).all()                      # every unit's score
+    assert (hard["|grad W1ᵀ row|"] > 0).tolist() == [u in (2, 5) for u in range(8)]
     soft = gradient_reach(ff, x, hard=False)
-    assert (soft["mask in forward"] > 0).all()
-    assert (soft["|d loss / d W1ᵀ row|"] > 0).sum() > 2                   # the soft call trains more rows
+    assert (soft["mask"] > 0).all()
+    assert (soft["|grad W1ᵀ row|"] > 0).sum() > 2                   # the soft call trains more rows
     assert not ff.training and ff.hard_prob == 0.3                           # left as it was
     assert all(p.grad is None for p in ff.parameters())
 

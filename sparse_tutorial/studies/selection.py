@@ -420,8 +420,8 @@ def plot_choice_frequencies(freq: pd.DataFrame, *, ax=None, draws: int | None = 
 def gradient_reach(ff: SparseFF, x: torch.Tensor, *, hard: bool, seed: int = 0) -> pd.DataFrame:
     """Where one training call's gradient goes, per hidden unit, for one token and the loss ``y.sum()``.
 
-    Columns: the mask value the forward pass used; the gradient reaching the unit's controller score; the size
-    of the gradient reaching its ``W1^T`` row and its ``W2`` row. ``hard=True`` forces the straight-through
+    Columns: ``mask``, the mask value the forward pass used; ``grad score``, the gradient reaching the unit's
+    controller score; the sizes (norms) of the gradients reaching its ``W1^T`` row and its ``W2`` row. ``hard=True`` forces the straight-through
     hard mask, ``False`` the soft mask. The layer's parameters and settings are left as they were.
     """
     x = _one_token(ff, x)
@@ -445,10 +445,10 @@ def gradient_reach(ff: SparseFF, x: torch.Tensor, *, hard: bool, seed: int = 0) 
         scores = captured["scores"]
         rows = {
             "block": [u // ff.block_size for u in range(ff.d_ff)],
-            "mask in forward": mask.detach().flatten().tolist(),
-            "d loss / d score": scores.grad[0].tolist(),
-            "|d loss / d W1ᵀ row|": ff.w1.grad.norm(dim=1).tolist(),
-            "|d loss / d W2 row|": ff.w2.grad.norm(dim=1).tolist(),
+            "mask": mask.detach().flatten().tolist(),
+            "grad score": scores.grad[0].tolist(),
+            "|grad W1ᵀ row|": ff.w1.grad.norm(dim=1).tolist(),
+            "|grad W2 row|": ff.w2.grad.norm(dim=1).tolist(),
         }
     finally:
         hook.remove()
