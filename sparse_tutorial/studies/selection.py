@@ -5,6 +5,13 @@
   entropy of the in-block choice, load of the busiest unit).
 * :func:`plot_selection_heatmap`, :func:`plot_usage_histogram`, :func:`plot_active_units` and
   :func:`plot_decode_cost` draw the chapter's figures.
+* :func:`worked_example`, :func:`selection_table`, :func:`gathered_rows` and :func:`selection_schematic` open one
+  small layer up: the controller's scores, the unit picked in each block, the rows of ``W1^T`` and ``W2`` the
+  decode path gathers, and the output.
+* :func:`choice_frequencies`, :func:`gradient_reach` and :func:`hard_call_share` measure the training tricks:
+  the sampled choice against ``softmax(logits / noise_scale)``, where the straight-through gradient goes, and
+  the share of hard-mask calls.
+* :func:`show_source` shows a function's code in a chapter (pulled from the package, so it cannot drift).
 * :class:`Variant` and :func:`compare_variants` train the same small model with different controllers and
   selection tricks (hard/soft mix, Gumbel noise) and tabulate loss and unit usage.
 """
@@ -18,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import ConnectionPatch, Rectangle
 
 from .. import config as run_config
 from ..data import TextData
@@ -29,6 +37,8 @@ from ..train import TrainConfig, train_lm
 __all__ = [
     "sparse_layers", "ff_inputs", "unit_counts", "usage_stats", "set_selection",
     "plot_selection_heatmap", "plot_usage_histogram", "plot_active_units", "plot_decode_cost",
+    "worked_example", "selection_table", "gathered_rows", "selection_schematic", "choice_frequencies",
+    "plot_choice_frequencies", "gradient_reach", "hard_call_share", "show_source",
     "Variant", "study_config", "study_train_config", "usage_of_model", "compare_variants",
 ]
 
@@ -199,6 +209,283 @@ def _fig_ax(ax, size):
         fig, ax = plt.subplots(figsize=size, layout="constrained")
         return fig, ax
     return ax.figure, ax
+
+
+# --------------------------------------------------------------------------------------------------
+# One small layer, opened up (chapter 2's schematic and worked example)
+# --------------------------------------------------------------------------------------------------
+
+#: The worked example's weights: d_model 3, d_ff 8, N 4 (two blocks), d_lowrank 2, all small integers.
+WORKED_EXAMPLE = {
+    "x": [1, 2, -1],
+    "c1": [[1, 1, 0], [0, 1, 1]],                                          # C1^T: (d_lowrank, d_model)
+    "c2": [[1, 0], [0, 1], [1, 1], [-1, 1], [0, -1], [1, 2], [1, 0], [0, 0]],  # C2^T: (d_ff, d_lowrank)
+    "c": [0, 0, 0, 0, 0, 0, 0, 1],                                          # controller bias (d_ff,)
+    "w1": [[1, 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 1],                      # W1^T: one row per unit
+           [1, -1, 0], [2, 0, -1], [0, 1, 1], [-1, 0, 0]],
+    "w2": [[1, 1, 0], [0, -1, 1], [1, 0, 1], [-1, 0, 1],                    # W2: one row per unit
+           [1, 0, 0], [0, 1, 1], [0, 0, -1], [1, -1, 0]],
+    "b2": [0, 0, 0],
+}
+
+
+def worked_example() -> tuple[SparseFF, torch.Tensor]:
+    """A real :class:`SparseFF` (d_model 3, d_ff 8, N 4: two blocks) with the integer weights of
+    :data:`WORKED_EXAMPLE`, in eval mode, and its input token ``x`` ``(1, 3)``.
+
+    Every number of the forward pass is a small integer, so it can be followed by hand.
+    """
+    w = {k: torch.tensor(v, dtype=torch.float32) for k, v in WORKED_EXAMPLE.items()}
+    ff = SparseFF(3, 8, 4)
+    with torch.no_grad():
+        ff.controller.c1.weight.copy_(w["c1"])
+        ff.controller.c2.weight.copy_(w["c2"])       # copy_ keeps the layer's own memory layout
+        ff.controller.c2.bias.copy_(w["c"])
+        ff.w1.copy_(w["w1"])
+        ff.w2.copy_(w["w2"])
+        ff.b2.copy_(w["b2"])
+    return ff.eval(), w["x"].unsqueeze(0)
+
+
+def _one_token(ff: SparseFF, x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x, dtype=ff.w1.dtype)
+    if x.numel() != ff.d_model:
+        raise ValueError(f"x must be one token of d_model={ff.d_model} values, got shape {tuple(x.shape)}")
+    return x.reshape(1, ff.d_model)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}"
+
+
+def _vec(t: torch.Tensor) -> str:
+    return "[" + ", ".join(_fmt(v) for v in t.tolist()) + "]"
+
+
+@torch.no_grad()
+def selection_table(ff: SparseFF, x: torch.Tensor) -> pd.DataFrame:
+    """One row per hidden unit for one token: its block, its index in the block, its controller score, and
+    whether it is the argmax of its block (the unit the token uses at evaluation)."""
+    x = _one_token(ff, x)
+    scores = ff.controller(x)[0]                                        # (d_ff,)
+    chosen = set(ff.selected(x)[0].tolist())
+    return pd.DataFrame({
+        "unit": range(ff.d_ff),
+        "block": [u // ff.block_size for u in range(ff.d_ff)],
+        "unit in block": [u % ff.block_size for u in range(ff.d_ff)],
+        "score": scores.tolist(),
+        "chosen": [u in chosen for u in range(ff.d_ff)],
+    }).set_index("unit")
+
+
+@torch.no_grad()
+def gathered_rows(ff: SparseFF, x: torch.Tensor) -> pd.DataFrame:
+    """The rows :meth:`SparseFF.decode` reads for one token: one per block, with its pre-activation
+    ``W1^T[k] . x``, its activation ``relu(...)`` and its ``W2`` row."""
+    x = _one_token(ff, x)
+    idx = ff.selected(x)[0]                                             # (n_blocks,)
+    pre = ff.w1[idx] @ x[0]                                             # (n_blocks,)
+    return pd.DataFrame({
+        "block": range(ff.n_blocks),
+        "unit k": idx.tolist(),
+        "W1ᵀ row k": [_vec(r) for r in ff.w1[idx]],
+        "W1ᵀ[k] · x": pre.tolist(),
+        "act = relu": pre.relu().tolist(),
+        "W2 row k": [_vec(r) for r in ff.w2[idx]],
+    }).set_index("block")
+
+
+@torch.no_grad()
+def selection_schematic(ff: SparseFF, x: torch.Tensor, *, title: str | None = None,
+                        annotate: bool | None = None) -> Figure:
+    """Per-block selection for one token, drawn from a real layer, one row per hidden unit in every panel.
+
+    Panels: (1) the controller's scores with the argmax of each block framed; (2) ``W1^T`` with the gathered
+    rows framed (the others faded); (3) the activations of the chosen units; (4) ``W2`` with the gathered rows;
+    (5) the output ``y``. Black lines separate the blocks. ``annotate`` writes the numbers into the cells
+    (default: when the layer is small enough to read them).
+    """
+    x = _one_token(ff, x)
+    if annotate is None:
+        annotate = ff.d_ff * ff.d_model <= 256
+    scores = ff.controller(x)[0]                                        # (d_ff,)
+    idx = ff.selected(x)[0].tolist()                                    # (n_blocks,)
+    act = torch.zeros(ff.d_ff)
+    act[idx] = (ff.w1[idx] @ x[0]).relu()
+    y = ff.decode(x)[0]                                                 # (d_model,)
+    fig = plt.figure(figsize=(11, max(3.0, 0.32 * ff.d_ff + 1.6)), layout="constrained")
+    axes = fig.subplots(1, 5, width_ratios=[1.3, ff.d_model, 1.3, ff.d_model, 1.3])
+    panels = [
+        ("1. controller\nscores", scores.unsqueeze(1), "Purples"),
+        (f"2. W1ᵀ, one row per unit\nrow · x, x = {_vec(x[0])}" if annotate else "2. W1ᵀ (rows: units)",
+         ff.w1.detach(), "RdBu_r"),
+        ("3. act =\nrelu(row · x)", act.unsqueeze(1), "Oranges"),
+        ("4. W2, one row per unit", ff.w2.detach(), "RdBu_r"),
+    ]
+    unchosen = [u for u in range(ff.d_ff) if u not in idx]
+    for i, (ax, (name, mat, cmap)) in enumerate(zip(axes, panels)):
+        lim = float(mat.abs().max()) or 1.0
+        vmin = -lim if cmap == "RdBu_r" else min(0.0, float(mat.min()))
+        ax.imshow(mat.numpy(), cmap=cmap, vmin=vmin, vmax=lim, aspect="auto", interpolation="nearest")
+        for u in unchosen:                                              # fade what the token does not read
+            ax.add_patch(Rectangle((-0.5, u - 0.5), mat.shape[1], 1, color="white", alpha=0.65, lw=0))
+        for u in idx:
+            ax.add_patch(Rectangle((-0.5, u - 0.5), mat.shape[1], 1, fill=False, ec="tab:orange", lw=2.2))
+        for b in range(1, ff.n_blocks):
+            ax.axhline(b * ff.block_size - 0.5, color="black", lw=1.2)
+        if annotate:
+            for (r, c), v in np.ndenumerate(mat.numpy()):
+                if i == 2 and r in unchosen:
+                    continue
+                dark = abs(v) > 0.6 * lim if cmap == "RdBu_r" else v - vmin > 0.6 * (lim - vmin)
+                ax.text(c, r, _fmt(v), ha="center", va="center", fontsize=8,
+                        color="white" if dark and r in idx else "black")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(mat.shape[1]) if mat.shape[1] > 1 else [])
+        ax.set_yticks(range(ff.d_ff) if ff.d_ff <= 32 else [])
+        if i:
+            ax.set_yticklabels([])
+    axes[1].set_xlabel("input component")
+    axes[3].set_xlabel("output component")
+    axes[0].set_ylabel(f"hidden unit ({ff.n_blocks} blocks of N = {ff.block_size})")
+    for a, b in ((0, 1), (2, 3)):                                       # chosen score -> its row -> W2 row
+        for u in idx:
+            fig.add_artist(ConnectionPatch((0.5, u), (-0.5, u), "data", "data", axesA=axes[a],
+                                           axesB=axes[b], color="tab:orange", lw=1.2, arrowstyle="->"))
+    ax = axes[4]
+    ax.imshow(y.unsqueeze(1).numpy(), cmap="RdBu_r", vmin=-float(y.abs().max() or 1),
+              vmax=float(y.abs().max() or 1), aspect="auto", interpolation="nearest")
+    if annotate:
+        for r, v in enumerate(y.tolist()):
+            ax.text(0, r, _fmt(v), ha="center", va="center", fontsize=8)
+    ax.set_title("5. output y =\nΣ act·W2 row + b2", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks(range(ff.d_model) if ff.d_model <= 32 else [])
+    ax.set_ylabel("output component")
+    ax.yaxis.set_label_position("right")
+    ax.yaxis.tick_right()
+    fig.suptitle(title or f"One token through a sparse FF layer: units {idx} are read "
+                 f"({ff.n_blocks} of {ff.d_ff})", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# The training tricks, measured
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def choice_frequencies(ff: SparseFF, logits: torch.Tensor, draws: int = 20000, seed: int = 0) -> pd.DataFrame:
+    """How often each unit of one block is chosen in ``draws`` training-mode draws, against the target.
+
+    ``logits``: the ``(block_size,)`` controller scores of one block. Columns: ``softmax(logits / T)`` with
+    ``T = ff.noise_scale`` (the distribution the Gumbel-max trick samples from); ``Gumbel-max`` (the
+    reference's ``argmax(log p + T g)`` with standard Gumbel noise ``g``); ``layer's sampler`` (what
+    :meth:`SparseFF._sample`, the layer's own draw, picks). Both draws use the same number of samples.
+    """
+    logits = torch.as_tensor(logits, dtype=torch.float32).flatten()
+    if logits.numel() != ff.block_size:
+        raise ValueError(f"logits must hold block_size={ff.block_size} scores, got {logits.numel()}")
+    if ff.noise_scale <= 0:
+        raise ValueError("choice_frequencies needs noise_scale > 0 (noise_scale 0 is the plain argmax)")
+    torch.manual_seed(seed)
+    u = torch.rand(draws, ff.block_size).clamp_(1e-12, 1 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
+    ref = (torch.log_softmax(logits, -1) + ff.noise_scale * gumbel).argmax(-1)
+    own = ff._sample(logits.expand(draws, 1, ff.block_size))[:, 0]
+    count = lambda c: (torch.bincount(c, minlength=ff.block_size) / draws).tolist()  # noqa: E731
+    return pd.DataFrame({
+        "unit": range(ff.block_size),
+        "logit": logits.tolist(),
+        f"softmax(logits / {ff.noise_scale:g})": torch.softmax(logits / ff.noise_scale, -1).tolist(),
+        "Gumbel-max": count(ref),
+        "layer's sampler": count(own),
+    }).set_index("unit")
+
+
+def plot_choice_frequencies(freq: pd.DataFrame, *, ax=None, draws: int | None = None) -> Figure:
+    """Bars: the two samplers' frequencies; dots: the softmax target (a table of :func:`choice_frequencies`)."""
+    target = [c for c in freq.columns if c.startswith("softmax")][0]
+    fig, ax = _fig_ax(ax, (9, 3))
+    x = np.arange(len(freq))
+    ax.bar(x - 0.2, freq["Gumbel-max"], width=0.4, color="tab:grey", label="Gumbel-max draws (reference)")
+    ax.bar(x + 0.2, freq["layer's sampler"], width=0.4, color="tab:purple", label="SparseFF._sample draws")
+    ax.plot(x, freq[target], "o", color="black", ms=4, label=target)
+    ax.set(xlabel="unit within the block", ylabel="share of draws",
+           title="Which unit a training call picks" + (f" ({draws} draws each)" if draws else ""))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def gradient_reach(ff: SparseFF, x: torch.Tensor, *, hard: bool, seed: int = 0) -> pd.DataFrame:
+    """Where one training call's gradient goes, per hidden unit, for one token and the loss ``y.sum()``.
+
+    Columns: ``mask``, the mask value the forward pass used; ``grad score``, the gradient reaching the unit's
+    controller score; the sizes (norms) of the gradients reaching its ``W1^T`` row and its ``W2`` row. ``hard=True`` forces the straight-through
+    hard mask, ``False`` the soft mask. The layer's parameters and settings are left as they were.
+    """
+    x = _one_token(ff, x)
+    was_training, hard_prob = ff.training, ff.hard_prob
+    captured = {}
+
+    def keep(module, inp, out):
+        out.retain_grad()
+        captured["scores"] = out
+
+    hook = ff.controller.register_forward_hook(keep)
+    try:
+        ff.train()
+        ff.hard_prob = 1.0 if hard else 0.0
+        torch.manual_seed(seed)
+        mask = ff.mask(x)                                               # the mask forward() will use
+        for p in ff.parameters():
+            p.grad = None
+        torch.manual_seed(seed)
+        ff(x).sum().backward()
+        scores = captured["scores"]
+        rows = {
+            "block": [u // ff.block_size for u in range(ff.d_ff)],
+            "mask": mask.detach().flatten().tolist(),
+            "grad score": scores.grad[0].tolist(),
+            "|grad W1ᵀ row|": ff.w1.grad.norm(dim=1).tolist(),
+            "|grad W2 row|": ff.w2.grad.norm(dim=1).tolist(),
+        }
+    finally:
+        hook.remove()
+        ff.hard_prob = hard_prob
+        ff.train(was_training)
+        for p in ff.parameters():
+            p.grad = None
+    return pd.DataFrame(rows).rename_axis("unit")
+
+
+@torch.no_grad()
+def hard_call_share(ff: SparseFF, x: torch.Tensor, calls: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Run ``calls`` training-mode calls and count how many used the hard mask (``ff.last_mask_hard``).
+
+    Returns the count, the share, the layer's ``hard_prob`` and the binomial standard deviation of the share.
+    """
+    was_training = ff.training
+    ff.train()
+    torch.manual_seed(seed)
+    hard = 0
+    try:
+        for _ in range(calls):
+            ff.mask(x)
+            hard += bool(ff.last_mask_hard)
+    finally:
+        ff.train(was_training)
+    p = ff.hard_prob
+    return {"calls": calls, "hard calls": hard, "share": hard / calls, "hard_prob": p,
+            "binomial std": math.sqrt(p * (1 - p) / calls)}
+
+
+def show_source(obj):
+    """The source code of ``obj`` as a highlighted code block (an ``IPython.display.Code``)."""
+    import inspect
+
+    from IPython.display import Code
+    return Code(inspect.getsource(obj), language="python")
 
 
 # --------------------------------------------------------------------------------------------------
