@@ -19,7 +19,7 @@ from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
 from .int8 import quant_bench
 from .machine import bandwidth
 from .training import train_step
-from .whole_model import MODEL_VARIANTS, crossover, generate_bench
+from .whole_model import MODEL_VARIANTS, all_variants, crossover, generate_bench
 
 __all__ = ["main"]
 
@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n-layers", type=int, default=6)
     s.add_argument("--prompt-len", type=int, default=None, help="default: 100 (fast: 32)")
     s.add_argument("--new-tokens", type=int, default=None, help="default: 20 (fast: 8)")
-    s.add_argument("--variants", nargs="+", default=list(MODEL_VARIANTS), choices=list(MODEL_VARIANTS))
+    s.add_argument("--variants", nargs="+", default=list(MODEL_VARIANTS), choices=list(all_variants()),
+                   help="chapter 5's variants by default; every registered FF kind is one too, e.g. 'moe FF'")
     s.add_argument("--sparse-decode-max-rows", type=int, default=None)
 
     s = sub.add_parser("crossover", parents=[common], help="decode vs dense-masked sparse FF, by batch size")

@@ -10,16 +10,26 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import pick
+from ..layers.registry import FF_KINDS
 from ..model import ModelConfig, TransformerLM, seed_config
 from .harness import check_choice, check_counts, clock, free_memory, interleaved, machine_columns, positive
 
-__all__ = ["MODEL_VARIANTS", "model_config", "build_model", "Generation", "generate_bench", "forward_tokens",
+__all__ = ["MODEL_VARIANTS", "all_variants", "model_config", "build_model", "Generation", "generate_bench", "forward_tokens",
            "crossover"]
 
 
-#: The model variants of the whole-model measurements: label -> (``ModelConfig.ff``, ``ModelConfig.qkv``).
+#: The model variants of chapter 5's whole-model tables: label -> (``ModelConfig.ff``, ``ModelConfig.qkv``).
 MODEL_VARIANTS = {"dense": ("dense", "dense"), "sparse FF": ("sparse", "dense"),
                   "sparse FF + QKV": ("sparse", "conv")}
+
+
+def all_variants() -> dict[str, tuple[str, str]]:
+    """:data:`MODEL_VARIANTS` and, for every other registered FF kind, ``"<kind> FF"`` with dense attention.
+
+    A kind added to the registry is a variant of ``generate`` at once (``--variants dense "moe FF" "pkm FF"``).
+    """
+    extra = {f"{kind} FF": (kind, "dense") for kind in FF_KINDS if kind not in ("dense", "sparse")}
+    return {**MODEL_VARIANTS, **extra}
 
 
 def model_config(variant: str, d_model: int = 384, n_layers: int = 6, *, context_length: int = 256,
@@ -27,11 +37,11 @@ def model_config(variant: str, d_model: int = 384, n_layers: int = 6, *, context
                  ) -> ModelConfig:
     """The seed project's model shape (``d_model 384``, 6 layers, ``d_ff = 4 d_model``, ``N = 64``, context 256)
     at any width, in one of :data:`MODEL_VARIANTS`. Heads of 64 units; sparse QKV with ``S = qkv_modules``."""
-    check_choice("variant", variant, MODEL_VARIANTS)
+    check_choice("variant", variant, all_variants())
     positive("d_model", d_model)
     if d_model % 64:
         raise ValueError(f"d_model must be a multiple of 64 (heads of 64 units), got d_model={d_model}")
-    ff, qkv = MODEL_VARIANTS[variant]
+    ff, qkv = all_variants()[variant]
     return seed_config(ff=ff, d_model=d_model, n_heads=d_model // 64,
                        n_layers=positive("n_layers", n_layers), d_ff=4 * d_model, ff_block_size=block_size,
                        context_length=positive("context_length", context_length), dropout=0.0,
@@ -90,7 +100,7 @@ def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 3
     new_tokens = pick(default=20, fast=8) if new_tokens is None else new_tokens
     variants = list(variants)
     for v in variants:
-        check_choice("variant", v, MODEL_VARIANTS)
+        check_choice("variant", v, all_variants())
     positive("prompt_len", prompt_len)
     positive("new_tokens", new_tokens)
     if prompt_len + new_tokens > context_length:
