@@ -202,3 +202,11 @@ def test_merged_inference_conv_equals_the_three_convolutions_and_follows_weight_
         with torch.no_grad():                                    # an optimizer step or load_state_dict
             for p in attn.parameters():
                 p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", ["dense", "multiplicative", "conv"])
+@pytest.mark.parametrize("method", ["forward", "heads"])
+def test_attention_input_of_the_wrong_rank_is_named(kind, method):
+    attn = make_attention(ModelConfig(d_model=16, n_heads=2, qkv=kind, qkv_modules=4))
+    with pytest.raises(ValueError, match=r"x must be a \(batch, time, d_model=16\) tensor, got .*\(5, 16\)"):
+        getattr(attn, method)(torch.randn(5, 16))
