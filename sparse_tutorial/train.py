@@ -43,8 +43,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={self.lr!r}")
+        from ._checks import real_number  # (imported here to keep this change inside the checks)
+
+        real_number("lr", self.lr, 0.0, low_open=True)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0 (0: no warm-up), "
+                             f"got warmup_steps={self.warmup_steps!r}")
+        real_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0,
+                    hint=" (the cosine decays lr to lr * min_lr_ratio)")
+        real_number("weight_decay", self.weight_decay, 0.0, hint=" (0: no weight decay)")
+        real_number("grad_clip", self.grad_clip, 0.0,
+                    hint=" (the largest gradient norm; 0 turns clipping off, a negative one would flip the gradients)")
 
     def to_dict(self) -> dict:
         return asdict(self)

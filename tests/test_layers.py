@@ -196,3 +196,30 @@ def test_active_params_per_token_match_the_cost_formulas(controller):
     assert ff.num_params() > ff.active_params_per_token()
     dense = DenseFF(24, 96)
     assert dense.active_params_per_token() == dense.num_params() == dense_ff_cost(24, 96).weight_params
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(noise_scale=float("nan")), "noise_scale=nan"),
+        (dict(noise_scale="0.1"), "noise_scale='0.1'"),
+        (dict(noise_scale=-0.5), "noise_scale=-0.5"),
+        (dict(hard_prob=float("nan")), "hard_prob=nan"),
+        (dict(hard_prob="0.3"), "hard_prob='0.3'"),
+        (dict(hard_prob=1.5), "hard_prob=1.5"),
+    ],
+)
+def test_selection_arguments_nan_or_strings_raise_value_error_naming_them(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        SparseFF(8, 32, 4, **kwargs)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["forward", "decode", "selected"])
+@pytest.mark.parametrize("shape", [(16,), (3, 16)])
+def test_input_of_another_dtype_is_refused_naming_both(method, shape):
+    ff = SparseFF(16, 64, 16).eval()
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 but the layer's weights are torch.float32"):
+        getattr(ff, method)(torch.randn(*shape, dtype=torch.float64))
+    ff64 = SparseFF(16, 64, 16).double().eval()            # the advice works: the layer converted
+    assert getattr(ff64, method)(torch.randn(*shape, dtype=torch.float64)).dtype in (torch.float64, torch.int64)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import last_dim, positive_int, probability
+from .._checks import last_dim, positive_int, probability, real_number, same_dtype
 from .base import FeedForward
 
 __all__ = [
@@ -152,10 +152,8 @@ class SparseFF(FeedForward):
             d_lowrank = d_ff // block_size
         if isinstance(d_lowrank, bool) or not isinstance(d_lowrank, int) or d_lowrank < 1:
             raise ValueError(f"d_lowrank must be an integer >= 1, got d_lowrank={d_lowrank!r}")
-        if not 0.0 <= hard_prob <= 1.0:
-            raise ValueError(f"hard_prob must be in [0, 1], got hard_prob={hard_prob!r}")
-        if noise_scale < 0:
-            raise ValueError(f"noise_scale must be >= 0, got noise_scale={noise_scale!r}")
+        hard_prob = real_number("hard_prob", hard_prob, 0.0, 1.0)    # NaN or a string: a named ValueError
+        noise_scale = real_number("noise_scale", noise_scale, 0.0)
 
         self.d_model, self.d_ff, self.block_size, self.d_lowrank = d_model, d_ff, block_size, d_lowrank
         self.n_blocks = d_ff // block_size
@@ -196,6 +194,7 @@ class SparseFF(FeedForward):
     def block_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Controller scores reshaped per block: ``(..., n_blocks, block_size)``."""
         last_dim("x", x, self.d_model)
+        same_dtype("x", x, self.w1)
         return self.controller(x).unflatten(-1, (self.n_blocks, self.block_size))
 
     def selected(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,8 +252,9 @@ class SparseFF(FeedForward):
         Up to ``block_size`` tokens both matrices are gathered; beyond, the first layer is one dense product
         and only ``W2`` is gathered (chapter 5 measures both against the dense-masked :meth:`forward`).
         """
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
+        if x.dim() < 1 or x.shape[-1] != self.d_model or x.dtype != self.w1.dtype:
             last_dim("x", x, self.d_model)                             # raises the clear error
+            same_dtype("x", x, self.w1)
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_model)                               # (B, d)
         if xf.shape[0] == 1:                                           # one token: matrix-vector products
