@@ -223,3 +223,30 @@ def test_input_of_another_dtype_is_refused_naming_both(method, shape):
         getattr(ff, method)(torch.randn(*shape, dtype=torch.float64))
     ff64 = SparseFF(16, 64, 16).double().eval()            # the advice works: the layer converted
     assert getattr(ff64, method)(torch.randn(*shape, dtype=torch.float64)).dtype in (torch.float64, torch.int64)
+
+
+def test_two_threads_decoding_with_one_layer_get_their_own_results():
+    """decode's one-token path gathers W1 rows into a scratch buffer: each thread must have its own."""
+    import threading
+
+    torch.manual_seed(0)
+    ff = SparseFF(256, 4096, 4).eval()
+    xs = [torch.randn(256), torch.randn(256)]
+    with torch.no_grad():
+        expected = [ff.decode(x) for x in xs]
+    errors, start = [], threading.Barrier(2)
+
+    def work(i):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(300):
+                if not torch.equal(ff.decode(xs[i]), expected[i]):
+                    errors.append(i)
+                    return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"thread(s) {errors} got another thread's rows"
