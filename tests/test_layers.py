@@ -122,6 +122,34 @@ def test_unselected_units_get_no_gradient_through_w1_with_hard_mask():
     assert len(rows_with_grad) <= ff.n_blocks
 
 
+def test_gradient_reaching_the_hard_mask_is_that_of_the_mask_before_the_relu():
+    """``relu((x W1) * m)``: the mask's gradient is ``relu'(a) a dL/dh`` at the chosen unit of a block and 0 at the
+    others (relu'(0) = 0). Masking after the ReLU, ``relu(a) * m``, would send ``relu(a) dL/dh`` to every unit,
+    chosen or not, and so to the controller of units that never ran."""
+    torch.manual_seed(3)
+    ff = SparseFF(8, 32, 4, hard_prob=1.0).train()
+    x, g = torch.randn(6, 8), torch.randn(6, 8)
+    seen = {}
+    mask = ff.mask
+
+    def keep(x):
+        m = mask(x)
+        m.retain_grad()
+        seen["m"] = m
+        return m
+
+    ff.mask = keep                                                     # the same call, its mask kept
+    (ff(x) * g).sum().backward()
+    m = seen["m"]                                                      # (6, n_blocks, block_size), one-hot
+    assert ff.last_mask_hard and torch.equal(m.sum(-1), torch.ones(6, ff.n_blocks))
+    a = (x @ ff.w1.detach().T).unflatten(-1, (ff.n_blocks, ff.block_size))   # x W1 per block
+    dh = (g @ ff.w2.detach().T).unflatten(-1, (ff.n_blocks, ff.block_size))  # dL/d relu(...)
+    before = torch.where(m > 0, (a > 0) * a * dh, torch.zeros(()))
+    after = torch.relu(a) * dh
+    torch.testing.assert_close(m.grad, before)
+    assert (before - after).abs().max() > 1e-3                         # the two orders are told apart here
+
+
 def test_dense_ff_matches_formula():
     ff = DenseFF(12, 40).eval()
     x = torch.randn(3, 7, 12)
