@@ -4,9 +4,10 @@ Pre-LayerNorm blocks, learned positions, causal self-attention, weight-tied outp
 nanoGPT's ``model.py``. Shapes in comments: ``B`` batch, ``T`` new tokens in this call, ``P`` tokens
 already in the cache, ``C = d_model``, ``H`` heads, ``hd = C / H``.
 
-Inference runs with a cache (:class:`ModelCache`): the prompt is processed in one call ("prefill", the
-dense-masked FF path), then each new token is one call of ``T = 1`` that uses the sparse ``decode`` path of
-the FF layers. The rule that picks the path lives in :meth:`Block.feed_forward`.
+Inference runs with a cache (:class:`ModelCache`): the prompt is processed in one call ("prefill"), then each
+new token is one call of ``T = 1``. By default every eval-mode call, the prefill included, uses the sparse
+``decode`` path of the FF layers (chapter 5 measures it below the dense-masked path at every size); the rule
+that picks the path lives in :meth:`Block.feed_forward` (``sparse_decode_max_rows``).
 """
 from __future__ import annotations
 

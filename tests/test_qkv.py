@@ -106,7 +106,8 @@ def test_module_conv_shapes_and_errors():
 def test_conv_qkv_param_count_matches_the_reference(d, S, expected):
     """Shared multiplicative layer (S*d + d*M + d) + Q, K convs (3*3*M*M + M) + V conv (3*1*M*M + M).
 
-    169,152 is the paper's per-layer count at d=1024, S=16 (M=64); 2.36 M at d=9216, S=64 (M=144).
+    169,152 at d=1024, S=16 (M=64) and 2.36 M at d=9216, S=64 (M=144), the paper's two widths: our counts from the
+    reference implementation's layer shapes (the paper prints no such number), checked against the built module.
     """
     attn = ConvQKVAttention(d, S)
     assert n_params(attn) == conv_qkv_params(d, S) == expected
