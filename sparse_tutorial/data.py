@@ -35,6 +35,7 @@ __all__ = [
     "load_tiny_shakespeare",
     "image_datasets",
     "image_loaders",
+    "fetch",
 ]
 
 TINY_SHAKESPEARE_URL = (
@@ -285,3 +286,34 @@ def image_loaders(name: str = "fashion-mnist", batch_size: int = 128, train_subs
     g = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
             DataLoader(test, batch_size=1000, shuffle=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Everything at once, for CI's data cache: ``python -m sparse_tutorial.data FOLDER``
+# --------------------------------------------------------------------------------------------------
+
+
+def fetch(folder: Path) -> Path:
+    """Download every data set the book uses into ``folder`` in torchvision's layout, each checked.
+
+    Tiny Shakespeare goes through :func:`download` (MD5, atomic); Fashion-MNIST through torchvision, which checks
+    each archive's MD5 and unpacks it. Files already there and intact are kept. Point ``SPARSE_TUTORIAL_DATA`` at
+    ``folder`` afterwards (the CI workflow caches it).
+    """
+    from torchvision import datasets
+
+    folder = Path(folder)
+    text = folder / "tinyshakespeare" / "input.txt"
+    if not (text.is_file() and _md5(text) == TINY_SHAKESPEARE_MD5):
+        download(TINY_SHAKESPEARE_URL, text, TINY_SHAKESPEARE_MD5)
+    for train in (True, False):
+        datasets.FashionMNIST(root=str(folder), train=train, download=True)
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m sparse_tutorial.data FOLDER  (downloads the book's data sets, checked)")
+    print(f"data sets in {fetch(Path(sys.argv[1]))}")

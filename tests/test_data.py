@@ -168,3 +168,21 @@ def test_a_folder_of_torchvision_gz_files_is_found_and_unpacked(tmp_path, monkey
     train, test = data.image_datasets("mnist")
     assert len(train) == len(test) == n and train[1][1] == 2
     assert sorted(p.name for p in (tmp_path / "data" / "MNIST" / "raw").iterdir()) == sorted(f"{k}.gz" for k in files)
+
+
+def test_fetch_downloads_each_data_set_checked_into_one_folder(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    payload = b"To be, or not to be\n"
+    source = tmp_path / "served.txt"
+    source.write_bytes(payload)
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_URL", source.as_uri())
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_MD5", hashlib.md5(payload).hexdigest())
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", lambda **kw: calls.append(kw))
+    out = data.fetch(tmp_path / "d")
+    assert (out / "tinyshakespeare" / "input.txt").read_bytes() == payload
+    assert [(c["root"], c["train"], c["download"]) for c in calls] == [(str(out), True, True), (str(out), False, True)]
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_MD5", "0" * 32)   # a changed checksum: the file is fetched again
+    with pytest.raises(data.DataUnavailableError, match="MD5"):
+        data.fetch(tmp_path / "d")
