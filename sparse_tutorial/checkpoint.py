@@ -20,11 +20,19 @@ from . import config as run_config
 from .model import ModelConfig, TransformerLM
 from .train import TrainConfig
 
-__all__ = ["CheckpointMismatchError", "checkpoint_path", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CheckpointMismatchError", "CheckpointUnreadableError", "checkpoint_path", "save_checkpoint",
+           "load_checkpoint"]
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint on disk was made with another configuration than the one asked for."""
+
+
+class CheckpointUnreadableError(ValueError):
+    """The file is not a checkpoint this package wrote: truncated, empty, foreign, or refused by the safe loader.
+
+    :func:`sparse_tutorial.run.train_or_load` treats such a file as absent: it warns, retrains and replaces it.
+    """
 
 
 def _layout(cfg: ModelConfig) -> str:
@@ -70,8 +78,27 @@ def save_checkpoint(model: TransformerLM, tc: TrainConfig, history: pd.DataFrame
 
 
 def load_checkpoint(path: Path, cfg: ModelConfig, tc: TrainConfig) -> tuple[TransformerLM, pd.DataFrame | None]:
-    """Load a model saved with exactly ``cfg`` and ``tc``; raise :class:`CheckpointMismatchError` otherwise."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a model saved with exactly ``cfg`` and ``tc``; raise :class:`CheckpointMismatchError` otherwise.
+
+    The file is read with ``weights_only=True`` (tensors and plain containers only: a pickled object is refused,
+    never run). A file that cannot be read as a checkpoint raises :class:`CheckpointUnreadableError` naming it.
+    """
+    path = Path(path)
+
+    def unreadable(why: str) -> CheckpointUnreadableError:
+        return CheckpointUnreadableError(
+            f"checkpoint {path} cannot be read ({why}); it is truncated, empty or not a checkpoint of this "
+            f"package. Delete it and retrain: train_or_load() retrains and replaces it, or run "
+            f"python -m sparse_tutorial.train --save."
+        )
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, empty file, foreign bytes, a pickled object the safe loader refuses
+        raise unreadable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}") from err
+    if not isinstance(payload, dict) or not isinstance(payload.get("key"), dict) \
+            or not isinstance(payload.get("state_dict"), dict):
+        raise unreadable(f"it holds a {type(payload).__name__}, not a dict with 'key' and 'state_dict'")
     want = _key(cfg, tc)
     if payload.get("key") != want:
         got = payload.get("key", {})
@@ -83,7 +110,10 @@ def load_checkpoint(path: Path, cfg: ModelConfig, tc: TrainConfig) -> tuple[Tran
             f"refusing to load it. Train a model with this configuration or delete the file."
         )
     model = TransformerLM(cfg)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+        history = None if payload.get("history") is None else pd.DataFrame(payload["history"])
+    except Exception as err:  # the key matches but the tensors or the history do not
+        raise unreadable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}") from err
     model.eval()
-    history = None if payload.get("history") is None else pd.DataFrame(payload["history"])
     return model, history

@@ -12,8 +12,11 @@ Offline with no data, :class:`DataUnavailableError` names the file, the URL and 
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import os
+import shutil
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ __all__ = [
     "load_tiny_shakespeare",
     "image_datasets",
     "image_loaders",
+    "fetch",
 ]
 
 TINY_SHAKESPEARE_URL = (
@@ -57,12 +61,37 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
+def _data_dir_note() -> str:
+    """Where ``SPARSE_TUTORIAL_DATA`` pointed, for the offline errors."""
+    env_dir = config.data_dir()
+    return "SPARSE_TUTORIAL_DATA is unset" if env_dir is None else f"SPARSE_TUTORIAL_DATA={env_dir}"
+
+
+@contextlib.contextmanager
+def _remove_new_empty_folders(folder: Path):
+    """On an error, remove the folders up to ``folder`` that did not exist before and are still empty."""
+    folder = Path(folder)
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]   # deepest first
+    try:
+        yield
+    except BaseException:
+        for p in missing:
+            with contextlib.suppress(OSError):                            # not empty, or already gone
+                p.rmdir()
+        raise
+
+
 def download(url: str, dest: Path, md5: str, *, timeout: float = 30.0) -> Path:
     """Download ``url`` to ``dest`` if it checks against ``md5``; nothing is left at ``dest`` otherwise.
 
     The bytes go to a temporary file in the same folder, are checked, and only then renamed to ``dest``.
     """
     dest = Path(dest)
+    with _remove_new_empty_folders(dest.parent):
+        return _download(url, dest, md5, timeout)
+
+
+def _download(url: str, dest: Path, md5: str, timeout: float) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -83,8 +112,8 @@ def download(url: str, dest: Path, md5: str, *, timeout: float = 30.0) -> Path:
     except Exception as err:  # network down, DNS failure, HTTP error, disk full ...
         raise DataUnavailableError(
             f"could not find {dest.name} locally and could not download it from {url} ({err}). "
-            f"Set SPARSE_TUTORIAL_DATA to a folder containing {dest.parent.name}/{dest.name}, "
-            f"or place the file at {dest}."
+            f"Set SPARSE_TUTORIAL_DATA to a folder containing {dest.parent.name}/{dest.name} "
+            f"({_data_dir_note()}), or place the file at {dest}."
         ) from err
     finally:
         tmp.unlink(missing_ok=True)
@@ -179,15 +208,38 @@ _IMAGE_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 
 def _image_root(folder: str) -> Path | None:
-    """The root under which ``<folder>/raw`` holds all four IDX files, or None."""
-    candidates = [config.data_dir(), config.cache_dir()]
-    for root in candidates:
+    """The root under which ``<folder>/raw`` holds all four IDX files, or None.
+
+    torchvision reads only the uncompressed files. A folder with the ``.gz`` files it downloads (some of them or
+    all) counts too: the compressed ones are unpacked into the cache folder (atomically), which is then the root.
+    """
+    for root in [config.data_dir(), config.cache_dir()]:
         if root is None:
             continue
         raw = root / folder / "raw"
-        if all((raw / name).is_file() or (raw / f"{name}.gz").is_file() for name in _IMAGE_FILES):
+        if all((raw / name).is_file() for name in _IMAGE_FILES):
             return root
+        if all((raw / name).is_file() or (raw / f"{name}.gz").is_file() for name in _IMAGE_FILES):
+            cache_raw = config.cache_dir() / folder / "raw"
+            with _remove_new_empty_folders(cache_raw):
+                cache_raw.mkdir(parents=True, exist_ok=True)
+                for name in _IMAGE_FILES:
+                    if not (cache_raw / name).is_file():
+                        _gunzip_or_copy(raw / name if (raw / name).is_file() else raw / f"{name}.gz",
+                                        cache_raw / name)
+            return config.cache_dir()
     return None
+
+
+def _gunzip_or_copy(src: Path, dest: Path) -> None:
+    """Write ``src`` (unpacked when it ends in ``.gz``) to ``dest`` through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, (gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb")) as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def image_datasets(name: str = "fashion-mnist"):
@@ -209,13 +261,14 @@ def image_datasets(name: str = "fashion-mnist"):
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))
                              if key == "fashion-mnist" else transforms.Normalize((0.1307,), (0.3081,))])
     try:
-        train = cls(root=str(root), train=True, download=download, transform=tf)
-        test = cls(root=str(root), train=False, download=download, transform=tf)
+        with _remove_new_empty_folders(root / folder / "raw"):            # a failed download leaves no folders
+            train = cls(root=str(root), train=True, download=download, transform=tf)
+            test = cls(root=str(root), train=False, download=download, transform=tf)
     except Exception as err:
         raise DataUnavailableError(
-            f"{folder} is not in $SPARSE_TUTORIAL_DATA or {config.cache_dir()} and torchvision could not "
-            f"download it ({err}). Set SPARSE_TUTORIAL_DATA to a folder with {folder}/raw/"
-            f"{{{','.join(_IMAGE_FILES)}}}."
+            f"{folder} is not in $SPARSE_TUTORIAL_DATA ({_data_dir_note()}) or {config.cache_dir()} and "
+            f"torchvision could not download it ({err}). Set SPARSE_TUTORIAL_DATA to a folder with {folder}/raw/"
+            f"{{{','.join(_IMAGE_FILES)}}} (or their .gz files)."
         ) from err
     return train, test
 
@@ -233,3 +286,34 @@ def image_loaders(name: str = "fashion-mnist", batch_size: int = 128, train_subs
     g = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
             DataLoader(test, batch_size=1000, shuffle=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Everything at once, for CI's data cache: ``python -m sparse_tutorial.data FOLDER``
+# --------------------------------------------------------------------------------------------------
+
+
+def fetch(folder: Path) -> Path:
+    """Download every data set the book uses into ``folder`` in torchvision's layout, each checked.
+
+    Tiny Shakespeare goes through :func:`download` (MD5, atomic); Fashion-MNIST through torchvision, which checks
+    each archive's MD5 and unpacks it. Files already there and intact are kept. Point ``SPARSE_TUTORIAL_DATA`` at
+    ``folder`` afterwards (the CI workflow caches it).
+    """
+    from torchvision import datasets
+
+    folder = Path(folder)
+    text = folder / "tinyshakespeare" / "input.txt"
+    if not (text.is_file() and _md5(text) == TINY_SHAKESPEARE_MD5):
+        download(TINY_SHAKESPEARE_URL, text, TINY_SHAKESPEARE_MD5)
+    for train in (True, False):
+        datasets.FashionMNIST(root=str(folder), train=train, download=True)
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m sparse_tutorial.data FOLDER  (downloads the book's data sets, checked)")
+    print(f"data sets in {fetch(Path(sys.argv[1]))}")

@@ -4,9 +4,10 @@ Pre-LayerNorm blocks, learned positions, causal self-attention, weight-tied outp
 nanoGPT's ``model.py``. Shapes in comments: ``B`` batch, ``T`` new tokens in this call, ``P`` tokens
 already in the cache, ``C = d_model``, ``H`` heads, ``hd = C / H``.
 
-Inference runs with a cache (:class:`ModelCache`): the prompt is processed in one call ("prefill", the
-dense-masked FF path), then each new token is one call of ``T = 1`` that uses the sparse ``decode`` path of
-the FF layers. The rule that picks the path lives in :meth:`Block.feed_forward`.
+Inference runs with a cache (:class:`ModelCache`): the prompt is processed in one call ("prefill"), then each
+new token is one call of ``T = 1``. By default every eval-mode call, the prefill included, uses the sparse
+``decode`` path of the FF layers (chapter 5 measures it below the dense-masked path at every size); the rule
+that picks the path lives in :meth:`Block.feed_forward` (``sparse_decode_max_rows``).
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config as run_config
+from ._checks import real_number
 from .layers.attention import LayerCache
 from .layers.registry import make_attention, make_ff
+from .layers.sparse_ff import CONTROLLERS
 
 __all__ = ["ModelConfig", "ModelCache", "Block", "TransformerLM", "book_config", "seed_config"]
 
@@ -57,6 +60,13 @@ class ModelConfig:
             raise ValueError(f"qkv_modules must be a positive integer or None, got qkv_modules={self.qkv_modules!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
+        # Checked here too, not only by the sparse FF: a dense-FF config must not carry a value no layer accepts.
+        if self.d_lowrank is not None and (isinstance(self.d_lowrank, bool) or not isinstance(self.d_lowrank, int)
+                                           or self.d_lowrank < 1):
+            raise ValueError(f"d_lowrank must be a positive integer or None (d_ff // ff_block_size), "
+                             f"got d_lowrank={self.d_lowrank!r}")
+        if not isinstance(self.controller, str) or self.controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got controller={self.controller!r}")
         # Each layer kind checks its own arguments when it is built (layers.registry). Building one FF and one
         # attention layer on the meta device (shapes only: no memory, no random numbers) runs those checks
         # now, so a bad config fails here, with the name of the field, and not halfway through a model.
@@ -191,6 +201,8 @@ class TransformerLM(nn.Module):
                 f"{past} cached + {T} new tokens exceed context_length={self.cfg.context_length}; "
                 f"crop the input or let generate() slide the window"
             )
+        if cache is not None:
+            cache.layers[0].check_batch(B)                              # before any layer writes into it
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))           # (B, T, C)
         for i, block in enumerate(self.blocks):
@@ -217,8 +229,11 @@ class TransformerLM(nn.Module):
             raise ValueError(f"idx must be a (batch, time>=1) tensor, got shape {tuple(idx.shape)}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got max_new_tokens={max_new_tokens!r}")
-        if not greedy and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (or use greedy=True), got temperature={temperature!r}")
+        if not greedy:
+            real_number("temperature", temperature, 0.0, low_open=True, hint=" (or use greedy=True)")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer (keep the k likeliest tokens) or None (all), "
+                             f"got top_k={top_k!r}")
         ctx = self.cfg.context_length
         cache = self.new_cache() if use_cache else None
         for _ in range(max_new_tokens):

@@ -9,12 +9,13 @@ This module sits above :mod:`.train` and :mod:`.checkpoint` and uses both, so ne
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointUnreadableError, checkpoint_path, load_checkpoint, save_checkpoint
 from .data import TextData, load_tiny_shakespeare
 from .layers.registry import FF_KINDS, QKV_KINDS
 from .model import ModelConfig, TransformerLM, book_config, seed_config
@@ -25,11 +26,19 @@ __all__ = ["train_or_load", "main"]
 
 def train_or_load(cfg: ModelConfig, tc: TrainConfig, data: TextData, *, progress: bool = True,
                   folder: Path | None = None) -> tuple[TransformerLM, pd.DataFrame, bool]:
-    """Load the matching checkpoint if one exists, else train and save. Returns ``(model, history, loaded)``."""
+    """Load the matching checkpoint if one exists, else train and save. Returns ``(model, history, loaded)``.
+
+    A file that cannot be read (truncated, empty, foreign) counts as absent: a warning names it, the model is
+    retrained, and the new checkpoint replaces it atomically. A readable file saved with another configuration
+    is refused (:class:`~sparse_tutorial.checkpoint.CheckpointMismatchError`), never overwritten.
+    """
     path = checkpoint_path(cfg, tc, folder)
     if path.is_file():
-        model, history = load_checkpoint(path, cfg, tc)
-        return model, history, True
+        try:
+            model, history = load_checkpoint(path, cfg, tc)
+            return model, history, True
+        except CheckpointUnreadableError as err:
+            warnings.warn(f"{err} Retraining it now.", stacklevel=2)
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg)
     history = train_lm(model, data, tc, progress=progress)

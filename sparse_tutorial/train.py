@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import config as run_config
+from ._checks import real_number
 from .data import TextData
 from .model import ModelConfig, TransformerLM
 
@@ -48,13 +49,18 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={self.lr!r}")
-        if self.hard_prob_final is not None and not (isinstance(self.hard_prob_final, (int, float))
-                                                     and 0.0 <= self.hard_prob_final <= 1.0):
-            raise ValueError(f"hard_prob_final must be None or in [0, 1], got hard_prob_final={self.hard_prob_final!r}")
-        if not (isinstance(self.hard_anneal_start, (int, float)) and 0.0 <= self.hard_anneal_start <= 1.0):
-            raise ValueError(f"hard_anneal_start must be in [0, 1], got hard_anneal_start={self.hard_anneal_start!r}")
+        real_number("lr", self.lr, 0.0, low_open=True)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0 (0: no warm-up), "
+                             f"got warmup_steps={self.warmup_steps!r}")
+        real_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0,
+                    hint=" (the cosine decays lr to lr * min_lr_ratio)")
+        real_number("weight_decay", self.weight_decay, 0.0, hint=" (0: no weight decay)")
+        real_number("grad_clip", self.grad_clip, 0.0,
+                    hint=" (the largest gradient norm; 0 turns clipping off, a negative one would flip the gradients)")
+        if self.hard_prob_final is not None:
+            real_number("hard_prob_final", self.hard_prob_final, 0.0, 1.0, hint=" (or None: no schedule)")
+        real_number("hard_anneal_start", self.hard_anneal_start, 0.0, 1.0, hint=" (a fraction of the steps)")
 
     def to_dict(self) -> dict:
         return asdict(self)

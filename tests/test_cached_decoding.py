@@ -89,3 +89,30 @@ def test_sampled_generate_with_and_without_cache_agree(qkv):
     b = model.generate(prompt, 20, temperature=0.8, top_k=10, use_cache=False,
                        generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("ff,qkv", KINDS)
+def test_logits_after_a_truncate_equal_the_full_forward(ff, qkv):
+    """Decode past position 6, roll the cache back to 6, decode other tokens: as if the first ones never came."""
+    model = make_model(ff, qkv)
+    torch.manual_seed(1)
+    idx = torch.randint(0, 29, (2, 12))
+    other = torch.randint(0, 29, (2, 6))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(idx, cache=cache)                                  # 12 positions cached
+        for layer in cache.layers:
+            layer.truncate(6)
+        steps = [model(other[:, t:t + 1], cache=cache)[0] for t in range(other.shape[1])]
+        expected, _ = model(torch.cat([idx[:, :6], other], dim=1))
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qkv", sorted(QKV_KINDS))
+def test_a_model_built_under_inference_mode_runs(qkv):
+    with torch.inference_mode():
+        model = make_model("sparse", qkv).eval()
+        idx = torch.randint(0, 29, (1, 5))
+        out = model.generate(idx, 3, greedy=True)
+        logits, _ = model(idx)
+    assert out.shape == (1, 8) and torch.isfinite(logits).all()

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sparse_tutorial.checkpoint import CheckpointMismatchError, checkpoint_path, load_checkpoint, save_checkpoint
+from sparse_tutorial.checkpoint import (CheckpointMismatchError, CheckpointUnreadableError, checkpoint_path,
+                                     load_checkpoint, save_checkpoint)
 from sparse_tutorial.run import train_or_load
 from sparse_tutorial.model import ModelConfig, TransformerLM
 from sparse_tutorial.train import TrainConfig
@@ -79,3 +80,71 @@ def test_checkpoint_from_an_older_model_layout_is_refused(tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointMismatchError, match="layout.parameters"):
         load_checkpoint(path, cfg(), TC)
+
+
+# -- files that are not checkpoints: one clear error naming the file; train_or_load retrains ------------------
+
+class _SideEffect:
+    """Unpickling this runs ``Path.touch`` on a marker file: the side effect a safe loader must never run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def _write_bad(kind, path, c):
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        save_checkpoint(TransformerLM(c), TC, path=path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "garbage":
+        path.write_bytes(b"this is not a checkpoint\n" * 40)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "bad-state":  # the right key, tensors of the wrong shapes
+        save_checkpoint(TransformerLM(c), TC, path=path)
+        payload = torch.load(path, weights_only=True)
+        payload["state_dict"] = {k: torch.zeros(1) for k in payload["state_dict"]}
+        torch.save(payload, path)
+
+
+BAD_KINDS = ["empty", "truncated", "garbage", "tensor", "bad-state"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_unreadable_file_gives_one_clear_error_naming_it(tmp_path, kind):
+    path = tmp_path / "m.pt"
+    _write_bad(kind, path, cfg())
+    with pytest.raises(CheckpointUnreadableError) as err:
+        load_checkpoint(path, cfg(), TC)
+    msg = str(err.value)
+    assert str(path) in msg and "retrain" in msg.lower() and "sparse_tutorial.train" in msg
+
+
+def test_a_pickled_object_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "side-effect-ran"
+    path = tmp_path / "m.pt"
+    torch.save({"key": {}, "state_dict": {}, "history": _SideEffect(marker)}, path)
+    with pytest.raises(CheckpointUnreadableError, match="m.pt"):
+        load_checkpoint(path, cfg(), TC)
+    assert not marker.exists(), "loading ran code from the file"
+    torch.load(path, weights_only=False)          # the plant is real: an unsafe load does run it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_train_or_load_warns_retrains_and_replaces_an_unreadable_file(tmp_path, kind):
+    data = toy_data()
+    c = cfg(vocab_size=len(data.vocab))
+    path = checkpoint_path(c, TC, tmp_path)
+    _write_bad(kind, path, c)
+    with pytest.warns(UserWarning, match="cannot be read"):
+        _, _, loaded = train_or_load(c, TC, data, progress=False, folder=tmp_path)
+    assert loaded is False
+    load_checkpoint(path, c, TC)                   # replaced by a good checkpoint
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert train_or_load(c, TC, data, progress=False, folder=tmp_path)[2] is True

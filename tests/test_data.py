@@ -38,7 +38,7 @@ def test_corrupt_download_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(data.DataUnavailableError, match="MD5"):
         data.download(source.as_uri(), dest, md5=data.TINY_SHAKESPEARE_MD5)
     assert not dest.exists()
-    assert list(dest.parent.iterdir()) == [], "a temporary file was left behind"
+    assert not dest.parent.exists(), "a temporary file or the folder made for it was left behind"
 
 
 def test_interrupted_download_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -56,7 +56,7 @@ def test_interrupted_download_leaves_nothing_behind(tmp_path, monkeypatch):
     dest = tmp_path / "cache" / "x.txt"
     with pytest.raises(data.DataUnavailableError, match="connection reset"):
         data.download("https://example.invalid/x.txt", dest, md5="0" * 32)
-    assert list(dest.parent.iterdir()) == []
+    assert not dest.parent.exists(), "a temporary file or the folder made for it was left behind"
 
 
 def test_good_download_is_checked_and_renamed_into_place(tmp_path):
@@ -124,3 +124,65 @@ def test_image_data_offline_error_names_the_variable(offline_env, monkeypatch):
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", no_network)
     with pytest.raises(data.DataUnavailableError, match="SPARSE_TUTORIAL_DATA"):
         data.image_datasets("mnist")
+
+
+def test_offline_errors_name_the_folder_the_variable_pointed_at(offline_env, monkeypatch):
+    import torchvision.datasets.mnist as tv_mnist
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("unreachable")))
+    folder = str(offline_env / "nothing-here")
+    for load in (data.load_tiny_shakespeare, lambda: data.image_datasets("mnist")):
+        with pytest.raises(data.DataUnavailableError) as err:
+            load()
+        assert f"SPARSE_TUTORIAL_DATA={folder}" in str(err.value)
+
+
+def test_failed_downloads_leave_no_empty_folders(offline_env, monkeypatch):
+    import torchvision.datasets.mnist as tv_mnist
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("unreachable")))
+    for load in (data.load_tiny_shakespeare, lambda: data.image_datasets("mnist")):
+        with pytest.raises(data.DataUnavailableError):
+            load()
+        assert not (offline_env / "cache").exists(), sorted((offline_env / "cache").rglob("*"))
+
+
+def test_a_folder_of_torchvision_gz_files_is_found_and_unpacked(tmp_path, monkeypatch):
+    import gzip
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    n = 3
+    files = {"train-images-idx3-ubyte": bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+             + bytes(range(256))[: 28] * 28 * n,
+             "train-labels-idx1-ubyte": bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes([1, 2, 3])}
+    files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"] = files["train-images-idx3-ubyte"], \
+        files["train-labels-idx1-ubyte"]
+    for name, payload in files.items():
+        (raw / f"{name}.gz").write_bytes(gzip.compress(payload))
+    monkeypatch.setenv("SPARSE_TUTORIAL_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("SPARSE_TUTORIAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download expected"))
+    train, test = data.image_datasets("mnist")
+    assert len(train) == len(test) == n and train[1][1] == 2
+    assert sorted(p.name for p in (tmp_path / "data" / "MNIST" / "raw").iterdir()) == sorted(f"{k}.gz" for k in files)
+
+
+def test_fetch_downloads_each_data_set_checked_into_one_folder(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    payload = b"To be, or not to be\n"
+    source = tmp_path / "served.txt"
+    source.write_bytes(payload)
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_URL", source.as_uri())
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_MD5", hashlib.md5(payload).hexdigest())
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", lambda **kw: calls.append(kw))
+    out = data.fetch(tmp_path / "d")
+    assert (out / "tinyshakespeare" / "input.txt").read_bytes() == payload
+    assert [(c["root"], c["train"], c["download"]) for c in calls] == [(str(out), True, True), (str(out), False, True)]
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_MD5", "0" * 32)   # a changed checksum: the file is fetched again
+    with pytest.raises(data.DataUnavailableError, match="MD5"):
+        data.fetch(tmp_path / "d")

@@ -122,6 +122,34 @@ def test_unselected_units_get_no_gradient_through_w1_with_hard_mask():
     assert len(rows_with_grad) <= ff.n_blocks
 
 
+def test_gradient_reaching_the_hard_mask_is_that_of_the_mask_before_the_relu():
+    """``relu((x W1) * m)``: the mask's gradient is ``relu'(a) a dL/dh`` at the chosen unit of a block and 0 at the
+    others (relu'(0) = 0). Masking after the ReLU, ``relu(a) * m``, would send ``relu(a) dL/dh`` to every unit,
+    chosen or not, and so to the controller of units that never ran."""
+    torch.manual_seed(3)
+    ff = SparseFF(8, 32, 4, hard_prob=1.0).train()
+    x, g = torch.randn(6, 8), torch.randn(6, 8)
+    seen = {}
+    mask = ff.mask
+
+    def keep(x):
+        m = mask(x)
+        m.retain_grad()
+        seen["m"] = m
+        return m
+
+    ff.mask = keep                                                     # the same call, its mask kept
+    (ff(x) * g).sum().backward()
+    m = seen["m"]                                                      # (6, n_blocks, block_size), one-hot
+    assert ff.last_mask_hard and torch.equal(m.sum(-1), torch.ones(6, ff.n_blocks))
+    a = (x @ ff.w1.detach().T).unflatten(-1, (ff.n_blocks, ff.block_size))   # x W1 per block
+    dh = (g @ ff.w2.detach().T).unflatten(-1, (ff.n_blocks, ff.block_size))  # dL/d relu(...)
+    before = torch.where(m > 0, (a > 0) * a * dh, torch.zeros(()))
+    after = torch.relu(a) * dh
+    torch.testing.assert_close(m.grad, before)
+    assert (before - after).abs().max() > 1e-3                         # the two orders are told apart here
+
+
 def test_dense_ff_matches_formula():
     ff = DenseFF(12, 40).eval()
     x = torch.randn(3, 7, 12)
@@ -196,3 +224,57 @@ def test_active_params_per_token_match_the_cost_formulas(controller):
     assert ff.num_params() > ff.active_params_per_token()
     dense = DenseFF(24, 96)
     assert dense.active_params_per_token() == dense.num_params() == dense_ff_cost(24, 96).weight_params
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(noise_scale=float("nan")), "noise_scale=nan"),
+        (dict(noise_scale="0.1"), "noise_scale='0.1'"),
+        (dict(noise_scale=-0.5), "noise_scale=-0.5"),
+        (dict(hard_prob=float("nan")), "hard_prob=nan"),
+        (dict(hard_prob="0.3"), "hard_prob='0.3'"),
+        (dict(hard_prob=1.5), "hard_prob=1.5"),
+    ],
+)
+def test_selection_arguments_nan_or_strings_raise_value_error_naming_them(kwargs, needle):
+    with pytest.raises(ValueError) as err:
+        SparseFF(8, 32, 4, **kwargs)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["forward", "decode", "selected"])
+@pytest.mark.parametrize("shape", [(16,), (3, 16)])
+def test_input_of_another_dtype_is_refused_naming_both(method, shape):
+    ff = SparseFF(16, 64, 16).eval()
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64 but the layer's weights are torch.float32"):
+        getattr(ff, method)(torch.randn(*shape, dtype=torch.float64))
+    ff64 = SparseFF(16, 64, 16).double().eval()            # the advice works: the layer converted
+    assert getattr(ff64, method)(torch.randn(*shape, dtype=torch.float64)).dtype in (torch.float64, torch.int64)
+
+
+def test_two_threads_decoding_with_one_layer_get_their_own_results():
+    """decode's one-token path gathers W1 rows into a scratch buffer: each thread must have its own."""
+    import threading
+
+    torch.manual_seed(0)
+    ff = SparseFF(256, 4096, 4).eval()
+    xs = [torch.randn(256), torch.randn(256)]
+    with torch.no_grad():
+        expected = [ff.decode(x) for x in xs]
+    errors, start = [], threading.Barrier(2)
+
+    def work(i):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(300):
+                if not torch.equal(ff.decode(xs[i]), expected[i]):
+                    errors.append(i)
+                    return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"thread(s) {errors} got another thread's rows"

@@ -83,3 +83,38 @@ def test_both_ff_paths_give_the_same_logits():
         model.sparse_decode_max_rows = 10_000
         sparse_path, _ = model(idx)
     torch.testing.assert_close(sparse_path, dense_path, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(ff="dense", d_lowrank=0), "d_lowrank=0"), (dict(ff="dense", d_lowrank=2.5), "d_lowrank=2.5"),
+    (dict(ff="dense", controller="magic"), "controller='magic'"),
+    (dict(ff="sparse", controller=["lowrank"]), "controller=['lowrank']"),
+])
+def test_model_config_checks_controller_fields_whatever_the_ff_kind(kw, needle):
+    with pytest.raises(ValueError) as err:
+        tiny(**kw)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(top_k=0), "top_k=0"), (dict(top_k=-1), "top_k=-1"),
+                                       (dict(top_k=2.5), "top_k=2.5"),
+                                       (dict(temperature=float("nan")), "temperature=nan"),
+                                       (dict(temperature="1"), "temperature='1'")])
+def test_generate_sampling_arguments_are_named(kw, needle):
+    model = TransformerLM(tiny()).eval()
+    with pytest.raises(ValueError) as err:
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, **kw)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("qkv", ["dense", "multiplicative", "conv"])
+def test_a_new_batch_size_against_a_filled_cache_is_named(qkv):
+    model = TransformerLM(tiny(qkv=qkv, qkv_modules=4)).eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match=r"batch of 1 sequences, got a batch of 2; use a new cache"):
+            model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+        assert cache.length == 3
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)   # the cache is still usable
+    assert cache.length == 4

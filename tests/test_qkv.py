@@ -106,7 +106,8 @@ def test_module_conv_shapes_and_errors():
 def test_conv_qkv_param_count_matches_the_reference(d, S, expected):
     """Shared multiplicative layer (S*d + d*M + d) + Q, K convs (3*3*M*M + M) + V conv (3*1*M*M + M).
 
-    169,152 is the paper's per-layer count at d=1024, S=16 (M=64); 2.36 M at d=9216, S=64 (M=144).
+    169,152 at d=1024, S=16 (M=64) and 2.36 M at d=9216, S=64 (M=144), the paper's two widths: our counts from the
+    reference implementation's layer shapes (the paper prints no such number), checked against the built module.
     """
     attn = ConvQKVAttention(d, S)
     assert n_params(attn) == conv_qkv_params(d, S) == expected
@@ -202,3 +203,11 @@ def test_merged_inference_conv_equals_the_three_convolutions_and_follows_weight_
         with torch.no_grad():                                    # an optimizer step or load_state_dict
             for p in attn.parameters():
                 p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", ["dense", "multiplicative", "conv"])
+@pytest.mark.parametrize("method", ["forward", "heads"])
+def test_attention_input_of_the_wrong_rank_is_named(kind, method):
+    attn = make_attention(ModelConfig(d_model=16, n_heads=2, qkv=kind, qkv_modules=4))
+    with pytest.raises(ValueError, match=r"x must be a \(batch, time, d_model=16\) tensor, got .*\(5, 16\)"):
+        getattr(attn, method)(torch.randn(5, 16))

@@ -138,3 +138,16 @@ def test_compare_variants_table():
     assert table["controller params"].tolist() == [224, 224, 544]
     assert ((table["units used after"] > 0) & (table["units used after"] <= 1)).all()
     assert math.isfinite(table["val loss"].sum())
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(noise_scale=float("nan")), "noise_scale=nan"),
+                                       (dict(hard_prob=float("nan")), "hard_prob=nan"),
+                                       (dict(noise_scale="0.1"), "noise_scale='0.1'"),
+                                       (dict(hard_prob="all"), "hard_prob='all'")])
+def test_set_selection_refuses_nan_and_strings(kw, needle):
+    model = TransformerLM(ModelConfig(vocab_size=7, context_length=8, d_model=8, n_heads=2, n_layers=1, d_ff=16,
+                                      ff_block_size=4, ff="sparse"))
+    with pytest.raises(ValueError) as err:
+        set_selection(model, **kw)
+    assert needle in str(err.value)
+    assert sparse_layers(model)[0].noise_scale == 0.1 and sparse_layers(model)[0].hard_prob == 0.3   # unchanged

@@ -96,3 +96,20 @@ def test_cli_block_size_reaches_the_model(shared_data, monkeypatch):
 def test_cli_bad_block_size_is_refused(shared_data):
     with pytest.raises(ValueError, match="ff_block_size"):
         main(["--ff", "sparse", "--block-size", "7", "--steps", "1", "--no-progress"])
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(grad_clip=-1), "grad_clip=-1"), (dict(grad_clip=float("nan")), "grad_clip=nan"),
+    (dict(warmup_steps=-5), "warmup_steps=-5"), (dict(warmup_steps=2.5), "warmup_steps=2.5"),
+    (dict(min_lr_ratio=1.5), "min_lr_ratio=1.5"), (dict(min_lr_ratio=-0.1), "min_lr_ratio=-0.1"),
+    (dict(weight_decay=-0.1), "weight_decay=-0.1"), (dict(lr=float("nan")), "lr=nan"), (dict(lr="1e-3"), "lr='1e-3'"),
+])
+def test_train_config_refuses_values_that_would_train_wrongly(kw, needle):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**kw)
+    assert needle in str(err.value)
+
+
+def test_train_config_accepts_the_edges():
+    TrainConfig(grad_clip=0, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0)
+    TrainConfig(min_lr_ratio=1.0)

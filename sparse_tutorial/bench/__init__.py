@@ -33,7 +33,7 @@ block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the g
 :mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.targets` (the
 chapter's goals); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
-from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode
+from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
 from .cli import main
 from .ff import ff_layer, ff_rows, ff_sweep
 from .harness import DEFAULT_CSV_DIR, clock, clock_name, interleaved, num_threads, write_csv
@@ -46,6 +46,7 @@ from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_ben
 __all__ = [
     "BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "MODEL_VARIANTS", "DEFAULT_CSV_DIR",
     "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "ff_rows", "block_config", "block_decode",
+    "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
     "write_csv", "target_table", "main",
 ]

@@ -63,31 +63,53 @@ class LayerCache:
             raise ValueError(f"length must be an integer in [0, {self._length}], got length={length!r}")
         self._length = length
 
+    def check_batch(self, batch: int) -> None:
+        """A ValueError when a call brings another batch size than the cached positions hold."""
+        if self._length and self._k is not None and self._k.shape[0] != batch:
+            raise ValueError(
+                f"this cache holds {self._length} positions of a batch of {self._k.shape[0]} sequences, got a "
+                f"batch of {batch}; use a new cache (model.new_cache() or LayerCache()) for another batch size"
+            )
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the keys and values of ``T`` new positions ``(B, H, T, hd)``; return all of them ``(B, H, P+T, hd)``."""
-        P, T = self._length, k.shape[-2]
-        n = P + T
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # Autograd: no in-place writes into tensors an earlier call may have saved for backward.
-            k_all = k if P == 0 else torch.cat([self.k, k], dim=-2)
-            v_all = v if P == 0 else torch.cat([self.v, v], dim=-2)
-            self._k, self._v, self._length = k_all, v_all, n
-            return k_all, v_all
-        buf = self._k
-        if (buf is None or P == 0 or n > buf.shape[-2] or buf.shape[:2] != k.shape[:2]
-                or buf.shape[-1] != k.shape[-1] or buf.dtype != k.dtype or buf.device != k.device
-                or self._v is None or self._v.shape[-2] != buf.shape[-2]):
-            capacity = max(n, 2 * P)                                   # room for as many new positions as old
-            new_k = k.new_empty(k.shape[:2] + (capacity, k.shape[-1]))
-            new_v = v.new_empty(v.shape[:2] + (capacity, v.shape[-1]))
-            if P:
-                new_k[:, :, :P].copy_(self._k[:, :, :P])
-                new_v[:, :, :P].copy_(self._v[:, :, :P])
-            self._k, self._v = new_k, new_v
-        self._k[:, :, P:n].copy_(k)
-        self._v[:, :, P:n].copy_(v)
+        self.check_batch(k.shape[0])
+        P, n = self._length, self._length + k.shape[-2]
+        self._k, self._v = _write_positions(self._k, P, k), _write_positions(self._v, P, v)
         self._length = n
         return self._k[:, :, :n], self._v[:, :, :n]
+
+    def extend_state(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """Per-position state beside the keys: write ``new`` ``(..., T, X)`` at the positions this call adds.
+
+        Returns the state of every position so far, ``(..., P + T, X)`` (``P`` = :attr:`length` before the call's
+        :meth:`append`). Like the keys, it is rolled back by :meth:`truncate`: later calls overwrite the
+        forgotten positions. Chapter 4's convolution keeps its inputs here.
+        """
+        self.check_batch(new.shape[0])
+        P = self._length
+        self.state[name] = _write_positions(self.state.get(name), P, new)
+        return self.state[name][..., :P + new.shape[-2], :]
+
+
+def _write_positions(buf: torch.Tensor | None, filled: int, new: torch.Tensor) -> torch.Tensor:
+    """Write ``new`` ``(..., T, X)`` at positions ``[filled, filled + T)`` (dim -2) of ``buf``; return the buffer.
+
+    A buffer that is missing, full or of another shape or dtype is replaced by one with room for as many new
+    positions as old (its first ``filled`` positions copied). Under autograd nothing is written in place.
+    """
+    n = filled + new.shape[-2]
+    if torch.is_grad_enabled() and new.requires_grad:
+        # Autograd: no in-place writes into tensors an earlier call may have saved for backward.
+        return new if filled == 0 else torch.cat([buf[..., :filled, :], new], dim=-2)
+    if (buf is None or filled == 0 or n > buf.shape[-2] or buf.shape[:-2] != new.shape[:-2]
+            or buf.shape[-1] != new.shape[-1] or buf.dtype != new.dtype or buf.device != new.device):
+        grown = new.new_empty(new.shape[:-2] + (max(n, 2 * filled), new.shape[-1]))
+        if filled:
+            grown[..., :filled, :].copy_(buf[..., :filled, :])
+        buf = grown
+    buf[..., filled:n, :].copy_(new)
+    return buf
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None,

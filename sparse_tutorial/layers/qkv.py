@@ -11,8 +11,8 @@ Notation (the paper's): ``d = d_model``, ``S`` modules of width ``M = d / S``. S
   zero-padded over modules.
 * :class:`ConvQKVAttention` (the reference's ``MultiplicativeConvCausalAttention``, the paper's sparse QKV):
   one shared multiplicative layer, then three convolutions (kernel 3 x 3 for Q and K, 3 x 1 for V); heads are
-  the ``S`` modules (head size ``M``); **no output projection**. Decoding keeps the last ``length_kernel - 1``
-  multiplicative outputs, so one new token costs a 3-position convolution, whatever the cache length.
+  the ``S`` modules (head size ``M``); **no output projection**. A decoding step reads the last ``length_kernel - 1``
+  cached multiplicative outputs, so one new token costs a 3-position convolution, whatever the cache length.
 * :class:`MultiplicativeAttention` (the reference's ``MultiplicativeCausalAttention``, the simple variant):
   ordinary multi-head attention (``n_heads`` heads) whose four dense layers Q, K, V and the output
   projection are each replaced by a multiplicative layer.
@@ -168,7 +168,9 @@ class ConvQKVAttention(nn.Module):
     """The paper's sparse QKV: shared multiplicative layer -> 3 convolutions -> attention with ``S`` heads.
 
     ``forward(x (B, T, C), cache) -> (B, T, C)``. No output projection (the reference's default). With a cache,
-    ``cache.state["conv_context"]`` keeps the last ``length_kernel - 1`` multiplicative outputs ``(B, M, lk-1, S)``.
+    ``cache.state["conv_context"]`` is the last ``length_kernel - 1`` multiplicative outputs ``(B, M, lk-1, S)``, the
+    window a new token's convolution reads; ``cache.state["conv_inputs"]`` keeps them for every cached position, so
+    :meth:`LayerCache.truncate` rolls the convolution back together with the keys and values.
     """
 
     def __init__(self, d_model: int, n_modules: int, length_kernel: int = 3, dropout: float = 0.0):
@@ -193,12 +195,16 @@ class ConvQKVAttention(nn.Module):
         ctx = self.length_kernel - 1
         if ctx == 0:
             return u
-        past = None if cache is None else cache.state.get("conv_context")
-        if past is None:                                                   # start of the sequence: causal zeros
-            past = u.new_zeros(B, self.d_module, ctx, self.n_modules)
-        full = torch.cat([past, u], dim=2)                                 # (B, M, ctx + T, S)
-        if cache is not None:
-            cache.state["conv_context"] = full[:, :, -ctx:].contiguous()  # only the last lk-1, never the history
+        if cache is None:
+            return torch.cat([u.new_zeros(B, self.d_module, ctx, self.n_modules), u], dim=2)  # causal zeros
+        # Every cached position's output is kept (B*d numbers a position, half of what its keys and values take),
+        # so LayerCache.truncate rolls the convolution back with the keys; a call reads only the last ctx of them.
+        P = cache.length
+        seen = cache.extend_state("conv_inputs", u)                        # (B, M, P + T, S): position at dim -2
+        full = seen[:, :, max(0, P - ctx):]
+        if P < ctx:                                                        # start of the sequence: causal zeros
+            full = torch.cat([u.new_zeros(B, self.d_module, ctx - P, self.n_modules), full], dim=2)
+        cache.state["conv_context"] = seen[:, :, -ctx:]                    # the last lk - 1 outputs (a view)
         return full
 
     def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
@@ -218,9 +224,11 @@ class ConvQKVAttention(nn.Module):
         """The Q, K and V convolutions as one: weight ``(3M, M, lk, mk)`` (V's ``lk x 1`` kernel zero-padded to
         ``mk`` modules), bias ``(3M,)``. Rebuilt only when a weight changes (training, loading)."""
         convs = [c.conv for c in (self.conv_q, self.conv_k, self.conv_v)]
-        key = tuple((t.data_ptr(), t._version) for c in convs for t in (c.weight, c.bias))
+        weights = [t for c in convs for t in (c.weight, c.bias)]
+        # Tensors made under torch.inference_mode() have no version counter: then nothing is cached (rebuilt).
+        key = None if any(t.is_inference() for t in weights) else tuple((t.data_ptr(), t._version) for t in weights)
         cached = getattr(self, "_merged", None)
-        if cached is None or cached[0] != key:
+        if key is None or cached is None or cached[0] != key:
             mk = max(c.weight.shape[-1] for c in convs)
             w = torch.cat([F.pad(c.weight, ((mk - c.weight.shape[-1]) // 2,) * 2) for c in convs]).detach()
             b = torch.cat([c.bias for c in convs]).detach()

@@ -16,12 +16,13 @@ does not.)
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import last_dim, positive_int, probability
+from .._checks import last_dim, positive_int, probability, real_number, same_dtype
 from .base import FeedForward
 
 __all__ = [
@@ -161,10 +162,8 @@ class SparseFF(FeedForward):
             d_lowrank = d_ff // block_size
         if isinstance(d_lowrank, bool) or not isinstance(d_lowrank, int) or d_lowrank < 1:
             raise ValueError(f"d_lowrank must be an integer >= 1, got d_lowrank={d_lowrank!r}")
-        if not 0.0 <= hard_prob <= 1.0:
-            raise ValueError(f"hard_prob must be in [0, 1], got hard_prob={hard_prob!r}")
-        if noise_scale < 0:
-            raise ValueError(f"noise_scale must be >= 0, got noise_scale={noise_scale!r}")
+        hard_prob = real_number("hard_prob", hard_prob, 0.0, 1.0)    # NaN or a string: a named ValueError
+        noise_scale = real_number("noise_scale", noise_scale, 0.0)
 
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got init={init!r}")
@@ -221,6 +220,7 @@ class SparseFF(FeedForward):
     def block_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Controller scores reshaped per block: ``(..., n_blocks, block_size)``."""
         last_dim("x", x, self.d_model)
+        same_dtype("x", x, self.w1)
         return self.controller(x).unflatten(-1, (self.n_blocks, self.block_size))
 
     def selected(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,8 +278,9 @@ class SparseFF(FeedForward):
         Up to ``block_size`` tokens both matrices are gathered; beyond, the first layer is one dense product
         and only ``W2`` is gathered (chapter 5 measures both against the dense-masked :meth:`forward`).
         """
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
+        if x.dim() < 1 or x.shape[-1] != self.d_model or x.dtype != self.w1.dtype:
             last_dim("x", x, self.d_model)                             # raises the clear error
+            same_dtype("x", x, self.w1)
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_model)                               # (B, d)
         if xf.shape[0] == 1:                                           # one token: matrix-vector products
@@ -317,15 +318,17 @@ class SparseFF(FeedForward):
 
         The rows are gathered at most ``GATHER_CHUNK_BYTES`` at a time into a buffer reused from call to call,
         so the copy stays in the cache instead of going out to memory and back (measured about 10-20% faster
-        than one ``index_select`` of all rows when the weights are cold).
+        than one ``index_select`` of all rows when the weights are cold). Each thread has its own buffer, so
+        threads may decode with one layer at the same time.
         """
         if torch.is_grad_enabled() and (self.w1.requires_grad or v.requires_grad):
             return torch.mv(self.w1.index_select(0, idx), v)          # autograd cannot record out= calls
         n, d = idx.shape[0], self.d_model
         rows = max(1, min(n, self.GATHER_CHUNK_BYTES // (d * self.w1.element_size())))
-        buf = getattr(self, "_w1_rows", None)
+        buffers = self.__dict__.setdefault("_w1_rows", {})            # thread id -> (rows, d) scratch
+        buf = buffers.get(threading.get_ident())
         if buf is None or buf.shape != (rows, d) or buf.dtype != self.w1.dtype or buf.device != self.w1.device:
-            buf = self._w1_rows = self.w1.new_empty(rows, d)           # (rows, d): scratch, not a parameter
+            buf = buffers[threading.get_ident()] = self.w1.new_empty(rows, d)   # scratch, not a parameter
         if rows == n:
             return torch.mv(torch.index_select(self.w1, 0, idx, out=buf), v)
         out = v.new_empty(n)

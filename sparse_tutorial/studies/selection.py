@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import ConnectionPatch, Rectangle
 
 from .. import config as run_config
+from .._checks import real_number
 from ..data import TextData
 from ..layers.sparse_ff import SparseFF
 from ..measure.costs import sparse_ff_breakdown
@@ -111,10 +112,10 @@ def usage_stats(counts: torch.Tensor, block_size: int) -> dict[str, float]:
 def set_selection(model: torch.nn.Module, *, hard_prob: float | None = None,
                   noise_scale: float | None = None) -> None:
     """Change the training-time selection of every :class:`SparseFF` in ``model`` (chapter 2's ablations)."""
-    if hard_prob is not None and not 0.0 <= hard_prob <= 1.0:
-        raise ValueError(f"hard_prob must be in [0, 1], got hard_prob={hard_prob!r}")
-    if noise_scale is not None and noise_scale < 0:
-        raise ValueError(f"noise_scale must be >= 0, got noise_scale={noise_scale!r}")
+    if hard_prob is not None:
+        hard_prob = real_number("hard_prob", hard_prob, 0.0, 1.0)
+    if noise_scale is not None:
+        noise_scale = real_number("noise_scale", noise_scale, 0.0)
     for ff in sparse_layers(model):
         if hard_prob is not None:
             ff.hard_prob = float(hard_prob)
