@@ -15,7 +15,7 @@ def tiny(ff="sparse", **kw):
 @pytest.mark.parametrize(
     "kw,needle",
     [
-        (dict(ff="moe"), "ff='moe'"),
+        (dict(ff="bogus"), "ff='bogus'"),
         (dict(qkv="lsh"), "qkv='lsh'"),
         (dict(d_model=15), "d_model=15, n_heads=2"),
         (dict(d_ff=60), "d_ff=60, ff_block_size=8"),
