@@ -12,6 +12,11 @@ does not.)
   the soft mask otherwise; the mask multiplies ``x W1`` *before* the ReLU; no first-layer bias; dense compute;
 * eval: one-hot of the argmax, same dense formula;
 * :meth:`SparseFF.decode`: the real sparse computation, gathering only the selected rows of ``W1^T`` and ``W2``.
+
+One departure from the reference, by default: the **initialisation**. ``W1``, ``W2`` and the controller start
+with PyTorch's ``nn.Linear`` ranges (the controller's bias too, uniform in ``+-1/sqrt(d_lowrank)``), where the
+reference draws Glorot-uniform matrices and near-zero biases. ``SparseFF(init="reference")`` gives the
+reference's; chapter 3's "Closing the gap" measures both (``results/quality_gap.csv``).
 """
 from __future__ import annotations
 
