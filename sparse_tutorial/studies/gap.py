@@ -235,7 +235,10 @@ def plot_gap_against(table: pd.DataFrame, x: str, *, ax=None, xlabel: str | None
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
-    ax.errorbar(table[x], table["gap %"], yerr=table["spread %"] / 2, marker="o", capsize=3)
+    many = table["lever"].nunique() > 1 and x == "steps"           # one line per lever against steps
+    for lever, part in (table.groupby("lever", sort=False) if many else [(None, table)]):
+        part = part.sort_values(x)
+        ax.errorbar(part[x], part["gap %"], yerr=part["spread %"] / 2, marker="o", capsize=3, label=lever)
     ax.axhline(2, color="k", ls="--", lw=1, label="target: within 2%")
     ax.axhline(0, color="#888888", lw=1)
     ax.set_xscale("log", base=2)
