@@ -5,21 +5,18 @@ import pandas as pd
 import pytest
 import torch
 
-from sparse_tutorial.data import CharVocab, TextData
+from sparse_tutorial.data import TextData
 from sparse_tutorial.layers import SparseFF
 from sparse_tutorial.model import TransformerLM, book_config
 from sparse_tutorial.studies import gap
 from sparse_tutorial.train import TrainConfig, book_train_config, hard_prob_at, train_lm
+from test_train import toy_data
 
 
 @pytest.fixture
 def tiny_text() -> TextData:
-    """A small corpus in memory (no data folder needed), split 90/10 like Tiny Shakespeare."""
-    text = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak.\n" * 40
-    vocab = CharVocab(text)
-    ids = torch.tensor(vocab.encode(text), dtype=torch.long)
-    n = int(len(ids) * 0.9)
-    return TextData(vocab=vocab, train=ids[:n], val=ids[n:])
+    """The small corpus of the training tests (no data folder needed)."""
+    return toy_data()
 
 
 @pytest.fixture
