@@ -43,6 +43,7 @@ class ModelConfig:
     ff_hard_prob: float = 0.3        # share of training calls with the hard mask (the reference's 0.3)
     ff_noise_scale: float = 0.1      # Gumbel noise multiplier of the training choice (the reference's 0.1)
     ff_init: str = "torch"           # "torch" | "reference" (SparseFF's init; chapter 3, "Closing the gap")
+    ff_scale_by_prob: bool = False   # scale each chosen unit by its probability (reference's multiply_by_...)
     moe_experts: int = 4             # ff="moe": experts, each of width d_ff / moe_experts (chapter 6)
     moe_top_k: int = 1               # ff="moe": experts per token
     pkm_top_k: int = 8               # ff="pkm": memory slots read per head (the memory has isqrt(2 d_ff)^2 slots)

@@ -278,3 +278,55 @@ def test_two_threads_decoding_with_one_layer_get_their_own_results():
     for t in threads:
         t.join()
     assert not errors, f"thread(s) {errors} got another thread's rows"
+
+
+# -- scale_by_prob: the reference's multiply_by_controller_output ----------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(sparse_ff_case())
+def test_scale_by_prob_decode_equals_eval_forward(case):
+    block_size, n_blocks, d_model, d_lowrank, controller, lead, seed = case
+    torch.manual_seed(seed)
+    ff = SparseFF(d_model, block_size * n_blocks, block_size, d_lowrank, controller=controller,
+                  scale_by_prob=True).eval()
+    x = torch.randn(*lead, d_model)
+    with torch.no_grad():
+        torch.testing.assert_close(ff.decode(x), ff(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])     # one token, few tokens, more tokens than block_size (8)
+def test_scale_by_prob_scales_each_chosen_unit_by_its_probability(tokens):
+    torch.manual_seed(0)
+    ff = SparseFF(16, 64, 8, scale_by_prob=True).eval()
+    plain = SparseFF(16, 64, 8).eval()
+    plain.load_state_dict(ff.state_dict())
+    x = torch.randn(tokens, 16)
+    with torch.no_grad():
+        p = torch.softmax(ff.block_logits(x), -1)                    # (tokens, 8 blocks, 8)
+        chosen = p.max(-1).values.flatten()                           # (tokens * 8,)
+        h_plain = torch.relu(x @ ff.w1.t()).view(tokens, 8, 8) * plain.mask(x)
+        expected = (h_plain * p).flatten(-2) @ ff.w2 + ff.b2
+        torch.testing.assert_close(ff(x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ff.decode(x), expected, atol=1e-5, rtol=1e-5)
+        mask = ff.mask(x).flatten()
+        torch.testing.assert_close(mask[mask != 0], chosen)           # the chosen unit carries its probability
+        assert not torch.allclose(ff(x), plain(x))                   # and the option changes the output
+
+
+def test_scale_by_prob_hard_training_call_gives_the_controller_a_gradient_through_the_value():
+    torch.manual_seed(0)
+    ff = SparseFF(16, 64, 8, scale_by_prob=True, hard_prob=1.0).train()
+    x = torch.randn(6, 16)
+    m = ff.mask(x)
+    assert ff.last_mask_hard
+    assert torch.equal((m > 0).sum(-1), torch.ones(6, 8, dtype=torch.long))   # one unit per block
+    p = torch.softmax(ff.block_logits(x), -1)
+    torch.testing.assert_close(m[m > 0], p[m > 0])                              # the chosen unit's probability
+    ff(x).square().sum().backward()
+    assert ff.controller.c2.bias.grad.abs().sum() > 0
+
+
+def test_scale_by_prob_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"scale_by_prob.*'yes'"):
+        SparseFF(16, 64, 8, scale_by_prob="yes")

@@ -38,7 +38,8 @@ def _sparse_ff(cfg) -> SparseFF:
         raise ValueError(f"d_ff must be divisible by ff_block_size, got d_ff={cfg.d_ff}, "
                          f"ff_block_size={cfg.ff_block_size}")
     return SparseFF(cfg.d_model, cfg.d_ff, cfg.ff_block_size, cfg.d_lowrank, cfg.dropout, controller=cfg.controller,
-                    noise_scale=cfg.ff_noise_scale, hard_prob=cfg.ff_hard_prob, init=cfg.ff_init)
+                    noise_scale=cfg.ff_noise_scale, hard_prob=cfg.ff_hard_prob, init=cfg.ff_init,
+                    scale_by_prob=cfg.ff_scale_by_prob)
 
 
 def _pkm(cfg) -> ProductKeyMemory:

@@ -133,6 +133,10 @@ class SparseFF(FeedForward):
             first default) or ``"reference"`` (the reference code's: Glorot-uniform ``W1``, ``W2``, ``C1``,
             ``C2``; controller bias and ``b2`` drawn from Normal(0, 1e-6)). Chapter 3's "Closing the gap"
             measures both.
+        scale_by_prob: the reference's ``multiply_by_controller_output`` option (off in its configs): the
+            selected unit of each block is scaled by its in-block probability ``p`` in hard training calls, in
+            eval and in :meth:`decode`, as a Switch-style router scales its expert. The value of a hard call
+            then matches a soft call's weighting, and the controller gets a gradient through the product.
 
     Parameters are stored so the decode path reads contiguous memory: ``w1`` is ``W1^T`` with one row of
     ``d_model`` weights per hidden unit, ``w2`` is ``W2`` with one row per hidden unit.
@@ -153,6 +157,7 @@ class SparseFF(FeedForward):
         noise_scale: float = 0.1,
         hard_prob: float = 0.3,
         init: str = "torch",
+        scale_by_prob: bool = False,
     ):
         super().__init__()
         positive_int("d_model", d_model)
@@ -170,10 +175,12 @@ class SparseFF(FeedForward):
         hard_prob = real_number("hard_prob", hard_prob, 0.0, 1.0)    # NaN or a string: a named ValueError
         noise_scale = real_number("noise_scale", noise_scale, 0.0)
 
+        if not isinstance(scale_by_prob, bool):
+            raise ValueError(f"scale_by_prob must be True or False, got scale_by_prob={scale_by_prob!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got init={init!r}")
         self.d_model, self.d_ff, self.block_size, self.d_lowrank = d_model, d_ff, block_size, d_lowrank
-        self.init = init
+        self.init, self.scale_by_prob = init, scale_by_prob
         self.n_blocks = d_ff // block_size
         self.noise_scale, self.hard_prob = float(noise_scale), float(hard_prob)
         self.controller_kind = controller
@@ -214,6 +221,7 @@ class SparseFF(FeedForward):
             f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
             f"n_blocks={self.n_blocks}, d_lowrank={self.d_lowrank}, controller={self.controller_kind!r}, "
             f"hard_prob={self.hard_prob}, noise_scale={self.noise_scale}, init={self.init!r}"
+            + (", scale_by_prob=True" if self.scale_by_prob else "")
         )
 
     def active_params_per_token(self) -> int:
@@ -237,7 +245,8 @@ class SparseFF(FeedForward):
         logits = self.block_logits(x)
         if not self.training:
             self.last_mask_hard = None
-            return F.one_hot(logits.argmax(dim=-1), self.block_size).to(x.dtype)
+            hard = F.one_hot(logits.argmax(dim=-1), self.block_size).to(x.dtype)
+            return hard * F.softmax(logits, dim=-1) if self.scale_by_prob else hard
         use_hard = bool(torch.rand(()) < self.hard_prob)  # one draw per call, as the reference
         self.last_mask_hard = use_hard
         p = F.softmax(logits, dim=-1)                                  # soft mask, in-block softmax
@@ -245,6 +254,8 @@ class SparseFF(FeedForward):
             return p
         choice = self._sample(logits.detach())                         # (..., n_blocks)
         hard = F.one_hot(choice, self.block_size).to(p.dtype)
+        if self.scale_by_prob:                  # value: p at the chosen unit; gradient: through that p
+            return hard * p
         return _StraightThrough.apply(hard, p)  # value: one-hot; gradient: through the in-block softmax
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -297,13 +308,16 @@ class SparseFF(FeedForward):
                 logits = ctrl(xf)[0]
             idx = logits.view(self.n_blocks, self.block_size).argmax(-1).add_(self.block_offset)  # (n_blocks,)
             act = self._w1_dots(idx, v).relu_()                        # (n_blocks,)  selected W1 columns
+            if self.scale_by_prob:                                     # times each chosen unit's probability
+                act.mul_(self._chosen_prob(logits.view(self.n_blocks, self.block_size), idx))
             if self.n_blocks * self.d_model < (1 << 19):               # small: copy the rows, one product
                 y = torch.addmv(self.b2, self.w2.index_select(0, idx).t(), act)  # (d,) b2 + sum_j act_j W2[k_j]
             else:                                                      # large: accumulate rows in place, no copy
                 y = F.embedding_bag(idx.unsqueeze(0), self.w2, per_sample_weights=act.unsqueeze(0),
                                     mode="sum")[0].add_(self.b2)      # (d,)
             return y.view(*lead, self.d_model)
-        idx = self.selected(xf)                                        # (B, n_blocks)
+        logits = self.block_logits(xf)                                 # (B, n_blocks, block_size)
+        idx = logits.argmax(dim=-1) + self.block_offset                # (B, n_blocks)
         if xf.shape[0] <= self.block_size:                             # few tokens: gather both matrices
             w1_rows = F.embedding(idx, self.w1)                        # (B, n_blocks, d)
             act = torch.bmm(w1_rows, xf.unsqueeze(-1)).squeeze(-1).relu_()  # (B, n_blocks)
@@ -312,8 +326,16 @@ class SparseFF(FeedForward):
             # dense product is cheaper, then keep each block's selected unit. W2 is still gathered, doing
             # 1/N of the dense second layer's work.
             act = F.linear(xf, self.w1).gather(1, idx).relu_()        # (B, d_ff) -> (B, n_blocks)
+        if self.scale_by_prob:
+            act = act * self._chosen_prob(logits, idx)
         y = F.embedding_bag(idx, self.w2, per_sample_weights=act, mode="sum")  # (B, d)
         return y.add_(self.b2).reshape(*lead, self.d_model)
+
+    def _chosen_prob(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """In-block softmax probability of each chosen unit: logits ``(..., n_blocks, block_size)``, flat ``idx``
+        ``(..., n_blocks)`` -> ``(..., n_blocks)``."""
+        chosen = (idx - self.block_offset).unsqueeze(-1)               # index within the block
+        return (logits.gather(-1, chosen).squeeze(-1) - logits.logsumexp(-1)).exp()
 
     #: bytes of gathered ``W1`` rows held at once by :meth:`_w1_dots` (stays in the cache)
     GATHER_CHUNK_BYTES = 1 << 20
