@@ -8,6 +8,13 @@ Serves the built site (``_build/html``, or ``$BOOK_HTML_DIR``) on 127.0.0.1 and 
 * no broken image; saved widgets render; math is typeset;
 * every kernel-free slider (``sparse_tutorial.studies.interactive.slider_figure``) is moved through all its positions
   with the keyboard, and each move must change the picture shown;
+* the page's layout fits its text column at 1280 px: no table and no code cell (input or output) is wider than
+  the column (``LAYOUT_JS``: a table's right edge, and a code block's ``scrollWidth`` against its ``clientWidth``,
+  so a block that hides or scrolls part of a line fails too);
+* no heading carries a hand-typed number on top of the book's own ("5.3. 2. The paper's ...");
+* every static figure has a numbered caption (MyST-NB ``mystnb: figure`` cell metadata: ``<figure>`` with a
+  ``figcaption`` and its "Fig. X.Y" number). Slider figures are widgets, which MyST-NB cannot caption; the prose
+  before each one introduces it;
 * a full-page screenshot goes to ``_build/screenshots/`` (or ``$BOOK_SCREENSHOTS_DIR``).
 
 Each page gets its own browser context (no cookies, storage or cache shared between pages).
@@ -181,6 +188,66 @@ MATH_TYPESET_JS = """() => document.querySelectorAll('mjx-container').length
     >= document.querySelectorAll('span.math, div.math').length"""
 DOCUMENT_READY_JS = """async () => { await document.fonts.ready; return document.readyState === 'complete' }"""
 
+#: Tables and code blocks wider than the text column. A table is measured by its right edge against the column's
+#: (a wrapper that scrolls or clips it does not hide it); a code block (``pre``, a cell's input or printed output)
+#: by ``scrollWidth`` against ``clientWidth`` (its lines run past its own box, which the theme clips or scrolls)
+#: and by its right edge. One pixel of slack absorbs sub-pixel rounding.
+LAYOUT_JS = """() => {
+    const column = document.querySelector('article.bd-article') || document.querySelector('main');
+    if (!column) return ['no article column found'];
+    const right = column.getBoundingClientRect().right;
+    const where = el => {
+        const cell = el.closest('.cell');
+        const heading = [...document.querySelectorAll('h1, h2, h3')]
+            .filter(h => h.compareDocumentPosition(el) & Node.DOCUMENT_POSITION_FOLLOWING).pop();
+        return (cell && cell.id ? 'cell ' + cell.id + ', ' : '')
+            + 'under "' + (heading ? heading.textContent.replace('#', '').trim().slice(0, 60) : 'top') + '"';
+    };
+    const wide = [];
+    for (const table of column.querySelectorAll('table')) {
+        if (table.closest('.sparse-slider-figure')) continue;
+        const r = table.getBoundingClientRect();
+        if (r.width > 0 && r.right > right + 1)
+            wide.push(`table ${Math.round(r.right - right)} px past the column (${where(table)}): `
+                      + table.textContent.trim().replace(/\\s+/g, ' ').slice(0, 80));
+    }
+    for (const pre of column.querySelectorAll('pre')) {
+        const r = pre.getBoundingClientRect();
+        if (r.width === 0) continue;
+        const longest = Math.max(...pre.textContent.split('\\n').map(l => l.length));
+        if (pre.scrollWidth > pre.clientWidth + 1 || r.right > right + 1)
+            wide.push(`code block ${pre.scrollWidth - pre.clientWidth} px wider than its box, longest line `
+                      + `${longest} characters (${where(pre)}): `
+                      + pre.textContent.split('\\n').find(l => l.length === longest).trim().slice(0, 80));
+    }
+    return wide;
+}"""
+#: A heading whose own text starts with a number ("2. The paper's ...", "3) ...", "1.2 ..."): on a numbered page
+#: it is numbered twice, and on an unnumbered one it competes with the book's numbering.
+HAND_NUMBERED = re.compile(r"^\d+(\.\d+)*[.)]?\s+\S")
+HEADINGS_JS = """() => [...document.querySelectorAll('article h1, article h2, article h3, article h4')].map(h => {
+    const c = h.cloneNode(true);
+    c.querySelectorAll('.section-number, .headerlink').forEach(e => e.remove());
+    return c.textContent.trim();
+})"""
+#: Static figures without a numbered caption. Images inside widgets (slider figures) are left out.
+UNCAPTIONED_JS = """() => [...document.querySelectorAll('article img')]
+    .filter(img => !img.closest('.jupyter-widgets, .sparse-slider-figure, .widget-box'))
+    .filter(img => {
+        const fig = img.closest('figure');
+        const cap = fig && fig.querySelector('figcaption');
+        return !(cap && cap.querySelector('.caption-number') && cap.textContent.trim().length > 12);
+    })
+    .map(img => {
+        const cell = img.closest('.cell');
+        return (cell && cell.id ? 'cell ' + cell.id + ': ' : '') + img.getAttribute('src').slice(0, 80);
+    })"""
+
+
+def hand_numbered(headings: list[str]) -> list[str]:
+    """The headings that carry a hand-typed number."""
+    return [h for h in headings if HAND_NUMBERED.match(h)]
+
 
 def shown_image(slider) -> tuple[str | None, bytes]:
     """The source and the pixels of the picture a slider figure shows now."""
@@ -248,6 +315,10 @@ def test_page_in_browser(page_path, site, context):
             except Exception:
                 problems.append("MathJax did not typeset the page's math")
         problems += [f"broken image: {src}" for src in page.evaluate(BROKEN_IMAGES_JS)]
+        problems += [f"too wide for the text column: {w}" for w in page.evaluate(LAYOUT_JS)]
+        problems += [f"heading numbered twice (a hand-typed number): {h!r}"
+                     for h in hand_numbered(page.evaluate(HEADINGS_JS))]
+        problems += [f"figure without a numbered caption: {f}" for f in page.evaluate(UNCAPTIONED_JS)]
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / (page_path.replace("/", "__").removesuffix(".html") + ".png")),
                         full_page=True)
@@ -331,3 +402,48 @@ def test_every_chapter_has_an_interactive_figure(site):
     assert chapters, f"no chapter pages under {HTML / 'notebooks'}"
     missing = [p.name for p in chapters if SLIDER_CLASS not in p.read_text(encoding="utf-8", errors="replace")]
     assert not missing, f"chapters with no slider_figure: {missing}"
+
+
+def test_hand_numbered_headings_are_found():
+    """The rule behind the heading check: a typed number is found, the book's own words are not."""
+    assert hand_numbered(["2. The paper's decoding table, per block", "3) Where", "1.2 Widths"]) == [
+        "2. The paper's decoding table, per block", "3) Where", "1.2 Widths"]
+    assert hand_numbered(["The dense FF layer", "17B: a block", "2-D convolutions", "int8 weights"]) == []
+
+
+#: A page with each layout fault the page test looks for, and the same content laid out well.
+LAYOUT_PAGE = """<html><body><div class="bd-main"><article class="bd-article" style="width: 600px">
+<h2><span class="section-number">5.3. </span>2. The paper's table</h2>
+<div class="cell" id="wide-code"><pre style="overflow: auto">{code}</pre></div>
+<div style="overflow: auto"><table><tr>{cells}</tr></table></div>
+<figure><img src="data:image/png;base64,{png}"></figure>
+<figure><img src="data:image/png;base64,{png}"><figcaption><span class="caption-number">Fig. 1.1 </span>
+A captioned figure.</figcaption></figure>
+</article></div></body></html>"""
+PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
+
+
+@pytest.mark.parametrize("faulty", [True, False])
+def test_layout_checks_find_planted_faults(context, faulty):
+    """Wide code, a wide table, a twice-numbered heading and an uncaptioned figure are each reported; the same
+    page without them passes."""
+    page = context.new_page()
+    try:
+        html = LAYOUT_PAGE.format(code="x = 1  # " + "y" * (150 if faulty else 20),
+                                  cells="<td>a long column name</td>" * (12 if faulty else 2), png=PNG_1PX)
+        if not faulty:
+            html = (html.replace("2. The paper's table", "The paper's table")
+                    .replace('<figure><img src="data:image/png;base64,' + PNG_1PX + '"></figure>', ""))
+        page.set_content(html)
+        wide = page.evaluate(LAYOUT_JS)
+        headings = hand_numbered(page.evaluate(HEADINGS_JS))
+        uncaptioned = page.evaluate(UNCAPTIONED_JS)
+    finally:
+        page.close()
+    if faulty:
+        assert [w.split(" ")[0] for w in wide] == ["table", "code"], wide
+        assert "longest line 159 characters" in wide[1] and "cell wide-code" in wide[1], wide
+        assert headings == ["2. The paper's table"]
+        assert len(uncaptioned) == 1, uncaptioned
+    else:
+        assert (wide, headings, uncaptioned) == ([], [], [])
