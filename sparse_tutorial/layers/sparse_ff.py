@@ -11,7 +11,9 @@ does not.)
 * training: Gumbel-perturbed argmax (noise x 0.1), straight-through one-hot, hard mask on 30% of calls and
   the soft mask otherwise; the mask multiplies ``x W1`` *before* the ReLU; no first-layer bias; dense compute;
 * eval: one-hot of the argmax, same dense formula;
-* :meth:`SparseFF.decode`: the real sparse computation, gathering only the selected rows of ``W1^T`` and ``W2``.
+* :meth:`SparseFF.decode`: the real sparse computation, gathering only the selected rows of ``W1^T`` and ``W2``;
+  in PyTorch (the readable reference) or, where it applies, in one fused call (:mod:`.sparse_ff_kernel`,
+  chosen by ``decode_path``).
 
 One departure from the reference, by default: the **initialisation**. ``W1``, ``W2`` and the controller start
 with PyTorch's ``nn.Linear`` ranges (the controller's bias too, uniform in ``+-1/sqrt(d_lowrank)``), where the
@@ -33,6 +35,7 @@ from .base import FeedForward
 
 __all__ = [
     "SparseFF",
+    "DECODE_PATHS",
     "LowRankController",
     "FullRankController",
     "MLPController",
@@ -87,6 +90,11 @@ class MLPController(nn.Module):
 #: the initialisations :class:`SparseFF` offers (see its ``init`` argument)
 INITS = ("torch", "reference")
 
+#: the decode implementations :class:`SparseFF` offers (its ``decode_path``): ``"auto"`` takes the fused kernel
+#: where it applies and PyTorch otherwise, ``"pytorch"`` always the PyTorch reference, ``"fused"`` always the kernel
+#: (a ValueError saying why when it does not apply)
+DECODE_PATHS = ("auto", "pytorch", "fused")
+
 CONTROLLERS = {"lowrank": LowRankController, "full": FullRankController, "mlp": MLPController}
 
 
@@ -138,6 +146,8 @@ class SparseFF(FeedForward):
             selected unit of each block is scaled by its in-block probability ``p`` in hard training calls, in
             eval and in :meth:`decode`, as a Switch-style router scales its expert. The value of a hard call
             then matches a soft call's weighting, and the controller gets a gradient through the product.
+        decode_path: how :meth:`decode` computes: ``"auto"`` (the fused kernel of :mod:`.sparse_ff_kernel` where
+            it applies, else PyTorch), ``"pytorch"`` or ``"fused"``; see :data:`DECODE_PATHS`. An attribute too.
 
     Parameters are stored so the decode path reads contiguous memory: ``w1`` is ``W1^T`` with one row of
     ``d_model`` weights per hidden unit, ``w2`` is ``W2`` with one row per hidden unit.
@@ -159,6 +169,7 @@ class SparseFF(FeedForward):
         hard_prob: float = 0.3,
         init: str = "torch",
         scale_by_prob: bool = False,
+        decode_path: str = "auto",
     ):
         super().__init__()
         positive_int("d_model", d_model)
@@ -197,6 +208,9 @@ class SparseFF(FeedForward):
         self.register_buffer("block_offset", torch.arange(self.n_blocks) * block_size, persistent=False)
         #: whether the last training call used the hard mask (for tests and chapter 2's experiments)
         self.last_mask_hard: bool | None = None
+        self.decode_path = decode_path
+        #: the path the last :meth:`decode` call took, ``"fused"`` or ``"pytorch"`` (None before the first)
+        self.last_decode_path: str | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -223,6 +237,7 @@ class SparseFF(FeedForward):
             f"n_blocks={self.n_blocks}, d_lowrank={self.d_lowrank}, controller={self.controller_kind!r}, "
             f"hard_prob={self.hard_prob}, noise_scale={self.noise_scale}, init={self.init!r}"
             + (", scale_by_prob=True" if self.scale_by_prob else "")
+            + (f", decode_path={self.decode_path!r}" if self.decode_path != "auto" else "")
         )
 
     def active_params_per_token(self) -> int:
@@ -304,13 +319,73 @@ class SparseFF(FeedForward):
         return self.dropout(h.view(a.shape) @ self.w2 + self.b2)       # (..., d_model)
 
     # -- the sparse path ----------------------------------------------------------------------------
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    #: most tokens per call the fused kernel takes (it gathers rows for every token); more go through PyTorch,
+    #: whose first layer turns dense beyond ``block_size`` tokens
+    FUSED_MAX_ROWS = 16
+
+    @property
+    def decode_path(self) -> str:
+        """How :meth:`decode` computes by default: one of :data:`DECODE_PATHS`."""
+        return self.__dict__.get("_decode_path", "auto")            # layers pickled before the option: "auto"
+
+    @decode_path.setter
+    def decode_path(self, value: str) -> None:
+        if value not in DECODE_PATHS:
+            raise ValueError(f"decode_path must be one of {DECODE_PATHS}, got decode_path={value!r}")
+        self._decode_path = value
+
+    def fused_unavailable(self, x: torch.Tensor | None = None) -> str | None:
+        """Why the fused kernel cannot decode ``x`` (or, without ``x``, this layer), or None when it can.
+
+        It needs Numba, the low-rank controller of plain ``nn.Linear`` layers (not ``"full"``, ``"mlp"`` or int8
+        layers), float32 weights and input on the CPU, at most :attr:`FUSED_MAX_ROWS` tokens, and no gradient to
+        record (the kernel is invisible to autograd: call it under ``torch.no_grad()`` or inference mode).
+        """
+        from . import sparse_ff_kernel                                 # imports Numba: only when decoding
+        if not sparse_ff_kernel.available():
+            return sparse_ff_kernel.unavailable_reason()
+        ctrl = self.controller
+        if not (isinstance(ctrl, LowRankController) and type(ctrl.c1) is nn.Linear
+                and type(ctrl.c2) is nn.Linear):
+            return (f"the kernel computes the low-rank controller of nn.Linear layers only, this layer has "
+                    f"controller={self.controller_kind!r} ({type(ctrl).__name__})")
+        weights = (self.w1, self.w2, self.b2, ctrl.c1.weight, ctrl.c2.weight, ctrl.c2.bias)
+        for w in weights:
+            if w.dtype != torch.float32 or w.device.type != "cpu":
+                return f"the kernel is compiled for float32 on the CPU, the weights are {w.dtype} on {w.device}"
+        if x is None:
+            return None
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            return f"the kernel is compiled for float32 on the CPU, x is {x.dtype} on {x.device}"
+        rows = x.numel() // self.d_model
+        if rows > self.FUSED_MAX_ROWS:
+            return f"{rows} tokens in one call, more than FUSED_MAX_ROWS={self.FUSED_MAX_ROWS}"
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            return "autograd is recording and the kernel has no backward (use torch.no_grad or inference mode)"
+        return None
+
+    def _fused_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` in one call of :func:`.sparse_ff_kernel.fused_decode` (checked by the caller)."""
+        from .sparse_ff_kernel import fused_decode
+        ctrl = self.controller
+        xf = x.reshape(-1, self.d_model)                               # (B, d); a copy only if x is strided
+        y = fused_decode(xf, ctrl.c1.weight, ctrl.c2.weight.t(), ctrl.c2.bias, self.w1, self.w2, self.b2,
+                         self.block_size, self.scale_by_prob)
+        self.last_decode_path = "fused"
+        return y.view(*x.shape[:-1], self.d_model)
+
+    def decode(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """The sparse computation: touch only the ``n_blocks`` selected rows of ``W1^T`` and ``W2``.
 
         Equals the eval-mode :meth:`forward` (within float rounding) for any leading shape. It is the
         inference path; it does not apply dropout and is not meant for training.
 
-        Written for speed at batch 1, where every call pays a fixed cost per PyTorch operation: one token
+        ``path`` (default: the layer's :attr:`decode_path`) picks the implementation: ``"fused"``, one call of the
+        kernel in :mod:`.sparse_ff_kernel`, where :meth:`fused_unavailable` finds nothing against it (``"auto"``
+        then takes it; ``"fused"`` raises a ValueError that says why); otherwise ``"pytorch"``, the code below.
+        :attr:`last_decode_path` records which one ran.
+
+        The PyTorch path, the readable reference, is written for speed at batch 1, where every call pays a fixed cost per PyTorch operation: one token
         takes eleven matrix-vector and indexing calls (no ``nn.Linear`` wrappers, in-place where possible).
         Up to ``block_size`` tokens both matrices are gathered; beyond, the first layer is one dense product
         and only ``W2`` is gathered (chapter 5 measures both against the dense-masked :meth:`forward`).
@@ -318,6 +393,17 @@ class SparseFF(FeedForward):
         if x.dim() < 1 or x.shape[-1] != self.d_model or x.dtype != self.w1.dtype:
             last_dim("x", x, self.d_model)                             # raises the clear error
             same_dtype("x", x, self.w1)
+        if path is None:
+            path = self.decode_path
+        elif path not in DECODE_PATHS:
+            raise ValueError(f"path must be one of {DECODE_PATHS} or None, got path={path!r}")
+        if path != "pytorch":
+            why_not = self.fused_unavailable(x)
+            if why_not is None:
+                return self._fused_decode(x)
+            if path == "fused":
+                raise ValueError(f"path='fused' does not apply to this call: {why_not}")
+        self.last_decode_path = "pytorch"
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_model)                               # (B, d)
         if xf.shape[0] == 1:                                           # one token: matrix-vector products
