@@ -66,6 +66,12 @@ def test_a_claim_without_a_number_says_so():
     assert len(table) == len(claims.CLAIMS)
 
 
+def test_counts_print_as_whole_numbers():
+    v = {"qkv params d1024": 169152.0, "dense qkv params d1024": 4198400.0, "formula matches": True}
+    row = claims.claims_table(docs(**{"04_sparse_qkv": v})).set_index("chapter").loc["04_sparse_qkv"]
+    assert "169,152 against 4,198,400 (25x fewer)" in row[row["held"] == "yes"]["measured in this build"].iloc[0]
+
+
 def test_the_quality_study_gives_the_gap_at_its_longest_run():
     study = pd.DataFrame({"grid": ["levers", "steps", "steps"], "lever": ["sparse", "sparse", "dense"],
                           "steps": [400, 1000, 1000], "gap %": [4.0, 7.2, 0.0]})

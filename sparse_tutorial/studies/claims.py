@@ -75,7 +75,7 @@ def _qkv_params(v, _):
     if not _need(v, "qkv params d1024", "dense qkv params d1024", "formula matches"):
         return NOT_MEASURED, None
     ratio = v["dense qkv params d1024"] / v["qkv params d1024"]
-    return (f"{v['qkv params d1024']:,} against {v['dense qkv params d1024']:,} ({ratio:.0f}x fewer); "
+    return (f"{int(v['qkv params d1024']):,} against {int(v['dense qkv params d1024']):,} ({ratio:.0f}x fewer); "
             f"module count = formula: {v['formula matches']}", bool(v["formula matches"]) and ratio > 20)
 
 
