@@ -37,7 +37,9 @@ VERDICTS = {
     r"\b(is|are) close to\b[^.]*\b(bytes|bandwidth|limit|prediction)\b": "a closeness to a bound stated as fact",
     r"\bapproach(es)? the bytes limit\b": "a closeness to a bound stated as fact",
     r"\bexactly the [\d,]+\b": "a count stated as typed text",
-    r"\bis the cheaper first step\b": "a comparison stated as fact",
+    r"\b(is|are) the (cheaper|faster|better)\b": "a comparison stated as fact",
+    r"\b(beat|beats|outperforms?)\b": "a comparison stated as fact",
+    r"\bgains? little or loses?\b": "a comparison stated as fact",
     r"\bmeasures? it below\b": "a measured comparison stated as fact",
 }
 #: A measured quantity: a time, a bandwidth or throughput, or a ratio such as "1.9x".
@@ -116,6 +118,8 @@ def test_every_allowed_sentence_is_still_there():
     "A reader sees that the saving grows with the width.",
     "Differences of a few hundredths are within run-to-run noise.",
     "Our module has exactly the 169,152 parameters.",
+    "int8 weights are the cheaper first step.",
+    "Past N tokens a dense first layer and a gathered second layer beat the dense-masked computation.",
     "Batch 1 takes 356 µs on this machine.",
     "The sparse block decodes 2.8x as fast as the dense one.",
 ])
