@@ -96,14 +96,14 @@ def test_train_lm_applies_the_schedule_and_keeps_the_configured_share(tiny_text,
     cfg = book_config("sparse", vocab_size=len(tiny_text.vocab))
     model = TransformerLM(cfg)
     seen = []
-    original = SparseFF.mask
+    original = SparseFF.forward
 
-    def spy(self, x):
+    def spy(self, x):              # forward: both training paths (fused and PyTorch) start here
         if self.training:
             seen.append(self.hard_prob)
         return original(self, x)
 
-    monkeypatch.setattr(SparseFF, "mask", spy)
+    monkeypatch.setattr(SparseFF, "forward", spy)
     tc = book_train_config(steps=6, eval_every=100, hard_prob_final=1.0, hard_anneal_start=0.5)
     train_lm(model, tiny_text, tc, progress=False)
     per_step = seen[::cfg.n_layers]
@@ -127,3 +127,22 @@ def test_model_config_passes_the_levers_to_every_sparse_layer():
     cfg = book_config("sparse", ff_hard_prob=1.0, ff_noise_scale=0.0, ff_init="reference")
     layers = [m for m in TransformerLM(cfg).modules() if isinstance(m, SparseFF)]
     assert layers and all((m.hard_prob, m.noise_scale, m.init) == (1.0, 0.0, "reference") for m in layers)
+
+
+def test_active_units_table_picks_the_always_hard_levers_and_their_block_sizes():
+    table = pd.DataFrame([
+        dict(grid="levers", lever="dense", steps=10, **{"gap %": 0.0}),
+        dict(grid="levers", lever="always hard", steps=10, **{"gap %": 5.0}),
+        dict(grid="levers", lever="N 4, always hard", steps=10, **{"gap %": 1.5}),
+        dict(grid="levers", lever="N 8, always hard", steps=10, **{"gap %": 3.0}),
+        dict(grid="levers", lever="N 8", steps=10, **{"gap %": 4.0}),
+        dict(grid="levers", lever="scale by prob, always hard", steps=10, **{"gap %": 1.0}),
+        dict(grid="blocks", lever="N 16, always hard", steps=10, **{"gap %": 1.0}),
+    ])
+    part = gap.active_units_table(table, block_size=32, d_ff=512)
+    assert part["lever"].tolist() == ["N 4, always hard", "N 8, always hard", "always hard"]
+    assert part["N"].tolist() == [4, 8, 32]
+    assert part["active units"].tolist() == [128, 64, 16]
+    assert gap.smallest_meeting(part, "N")["lever"] == "N 4, always hard"
+    assert gap.smallest_meeting(part, "N", target=3.0)["lever"] == "N 8, always hard"
+    assert gap.smallest_meeting(part, "N", target=1.0) is None

@@ -38,7 +38,7 @@ from ..model import TransformerLM, book_config
 from ..train import book_train_config, train_lm
 
 __all__ = ["Lever", "LEVERS", "GRIDS", "STUDY_CSV", "grid_runs", "run_study", "read_study", "gap_table",
-           "provenance_caption", "plot_levers", "plot_gap_against", "main"]
+           "active_units_table", "smallest_meeting", "provenance_caption", "plot_levers", "plot_gap_against", "main"]
 
 #: The study the book plots: ``results/quality_gap.csv`` at the root of the book's repository.
 STUDY_CSV = Path(__file__).resolve().parents[2] / "results" / "quality_gap.csv"
@@ -207,6 +207,22 @@ def gap_table(rows: pd.DataFrame) -> pd.DataFrame:
                     "spread %": round(100 * (group.val_loss.max() - group.val_loss.min()) / mean, 2),
                     "gap %": round(sum(gaps) / len(gaps), 2) if gaps else math.nan})
     return pd.DataFrame(out)
+
+
+def active_units_table(table: pd.DataFrame, *, block_size: int = 32, d_ff: int = 512) -> pd.DataFrame:
+    """The "always hard" levers of the lever grid at every block size: rows of ``table`` (a :func:`gap_table`)
+    named ``always hard`` (the book's ``N = block_size``) or ``N <n>, always hard``, with columns ``N`` and
+    ``active units`` (``d_ff / N``) added, sorted by ``N``."""
+    names = table["lever"].str.extract(r"^(?:N (\d+), )?always hard$")[0]
+    keep = (table["grid"] == "levers") & table["lever"].str.fullmatch(r"(N \d+, )?always hard")
+    part = table[keep].assign(N=names[keep].fillna(block_size).astype(int))
+    return part.assign(**{"active units": d_ff // part["N"]}).sort_values(["steps", "N"]).reset_index(drop=True)
+
+
+def smallest_meeting(table: pd.DataFrame, column: str, *, target: float = 2.0) -> pd.Series | None:
+    """The row with the largest ``column`` value (the sparsest setting) whose gap is within ``target`` %, or None."""
+    ok = table[table["gap %"] <= target]
+    return None if ok.empty else ok.sort_values(column).iloc[-1]
 
 
 def provenance_caption(header: list[str]) -> str:
