@@ -80,3 +80,13 @@ def test_bad_arguments_are_named():
     ff.train_path = "numba"
     with pytest.raises(ValueError, match="train_path='numba'"):
         ff(torch.randn(2, 16))
+
+
+def test_the_fused_pass_leaves_pytorchs_thread_count_alone():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        SparseFF(16, 64, 8).train()(torch.randn(3, 16)).sum().backward()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -117,7 +117,12 @@ if numba is not None:
 
 
 def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """Numba uses as many threads as PyTorch. Starting Numba's OpenMP pool resets the process's OpenMP thread
+    count, which PyTorch reads too, so PyTorch's count is put back afterwards."""
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 class _MaskedReLU(torch.autograd.Function):
