@@ -178,3 +178,79 @@ def test_quantized_model_decodes_like_the_float_model():
         b, _ = q(idx)
     assert (a - b).abs().max() < 0.1           # int8 rounding, not a different computation
     assert model.blocks[0].attn.qkv.weight.dtype == torch.float32   # the original is untouched
+
+
+# -- the sparse FF decode path (--path) -------------------------------------------------------------------------
+
+PATH_COMMANDS = ["ff", "block", "generate"]
+
+
+def sparse_rows(rows):
+    return [r for r in rows if "sparse FF" in r.get("variant", "sparse FF")]
+
+
+@pytest.mark.parametrize("command", PATH_COMMANDS)
+@pytest.mark.parametrize("path", ["pytorch", "fused"])
+def test_path_flag_times_that_path_and_json_names_it(command, path, capsys, tmp_path):
+    from sparse_tutorial.layers import sparse_ff_kernel
+
+    if path == "fused" and not sparse_ff_kernel.available():
+        pytest.skip("numba is not installed")
+    out = run_json(capsys, tmp_path, *TINY[command], "--path", path)
+    assert out["path"] == path
+    assert len(out["rows"]) == ROWS[command]                        # one path: the same rows as before
+    for row in out["rows"]:
+        assert row["path"] == (path if row in sparse_rows(out["rows"]) else None)
+        if command != "ff":                                         # the decoding steps really took it
+            assert row["step path"] == row["path"]
+
+
+@pytest.mark.parametrize("command", PATH_COMMANDS)
+def test_default_path_is_the_best_available(command, capsys, tmp_path, monkeypatch):
+    from sparse_tutorial.layers import sparse_ff_kernel
+
+    out = run_json(capsys, tmp_path, *TINY[command])
+    assert out["path"] == bench.best_path() == ("fused" if sparse_ff_kernel.available() else "pytorch")
+    monkeypatch.setattr(sparse_ff_kernel, "numba", None)            # no Numba: PyTorch, said so
+    out = run_json(capsys, tmp_path, *TINY[command])
+    assert out["path"] == "pytorch"
+    assert {r["path"] for r in sparse_rows(out["rows"])} == {"pytorch"}
+
+
+def test_path_fused_without_numba_exits_2_and_says_why(capsys, tmp_path, monkeypatch):
+    from sparse_tutorial.layers import sparse_ff_kernel
+
+    monkeypatch.setattr(sparse_ff_kernel, "numba", None)
+    with pytest.raises(SystemExit) as e:
+        bench.main([*TINY["ff"], "--path", "fused", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+    assert "path='fused' is not available here: numba is not installed" in capsys.readouterr().err
+
+
+def test_path_flag_refuses_unknown_paths(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*TINY["ff"], "--path", "cuda"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_table_header_names_the_path(capsys, tmp_path):
+    status, out = run(capsys, tmp_path, *TINY["ff"], "--path", "pytorch")
+    assert status == 0 and "sparse FF decode path: pytorch" in out.splitlines()[0]
+
+
+def test_functions_time_both_paths_in_one_run():
+    from sparse_tutorial.layers import sparse_ff_kernel
+
+    if not sparse_ff_kernel.available():
+        pytest.skip("numba is not installed")
+    row = bench.ff_layer(32, 64, 8, repeats=1, warmup=0, paths=["pytorch", "fused"])
+    assert row["path"] == "pytorch" and row["sparse s"] == row["pytorch s"]
+    assert {"fused s", "fused speed-up", "pytorch speed-up"} <= set(row)
+    block = bench.block_decode("tiny", cache_len=4, repeats=1, progress=False, paths=["pytorch", "fused"])
+    assert list(zip(block["variant"], block["path"].fillna("-"))) == [
+        ("dense", "-"), ("sparse FF", "pytorch"), ("sparse FF", "fused"), ("sparse QKV", "-"),
+        ("sparse FF + QKV", "pytorch"), ("sparse FF + QKV", "fused")]
+    with pytest.raises(ValueError, match="paths must not repeat"):
+        bench.ff_layer(32, 64, 8, repeats=1, paths=["fused", "fused"])
+    with pytest.raises(ValueError, match="path must be one of"):
+        bench.block_decode("tiny", paths=["gpu"])

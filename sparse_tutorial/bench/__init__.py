@@ -9,6 +9,8 @@
     python -m sparse_tutorial.bench train
     python -m sparse_tutorial.bench quant
 
+``ff``, ``block`` and ``generate`` take ``--path pytorch|fused``: the sparse FF's decode in PyTorch calls or in
+its one-call kernel (default: the best available, :mod:`.paths`); tables and JSON name the path timed.
 Add ``--json`` for one JSON object on stdout instead of the table, ``--threads N`` to set torch's thread
 count (default 1, the setting of chapter 5; with two threads on a two-core machine that also runs other
 programs, a batch-1 decoding step measured many times slower). Every command also writes its table as ``_build/bench/<command>.csv`` (``--out-dir`` to change).
@@ -31,7 +33,7 @@ Method, the same everywhere:
 Modules, by what they measure: :mod:`.machine` (bandwidth), :mod:`.ff` (one FF layer), :mod:`.block` (one
 block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the gather/masked crossover),
 :mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.targets` (the
-chapter's goals); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
+chapter's goals), :mod:`.paths` (the sparse FF's decode paths); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
 from .cli import main
@@ -39,6 +41,7 @@ from .ff import ff_layer, ff_rows, ff_sweep
 from .harness import DEFAULT_CSV_DIR, clock, clock_name, interleaved, num_threads, write_csv
 from .int8 import quant_bench
 from .machine import bandwidth
+from .paths import PATHS, best_path
 from .targets import target_table
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_bench, model_config
@@ -48,5 +51,5 @@ __all__ = [
     "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "ff_rows", "block_config", "block_decode",
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
-    "write_csv", "target_table", "main",
+    "write_csv", "target_table", "main", "PATHS", "best_path",
 ]

@@ -11,6 +11,7 @@ from ..config import pick
 from ..layers.attention import LayerCache
 from ..model import Block, ModelConfig
 from .harness import check_choice, free_memory, interleaved, machine_columns, positive
+from .paths import check_paths, sparse_ff_layers, use_path
 
 __all__ = ["BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "paper_speedup", "block_config", "block_decode"]
 
@@ -78,6 +79,8 @@ class _BlockStep:
         self.i = 0
         self.params = sum(p.numel() for p in self.block.parameters())
 
+        self.has_sparse_ff = bool(sparse_ff_layers(self.block))
+
     def __call__(self):
         c = self.cache
         c.truncate(self.cache_len)                  # the new position is written in place, as in real decoding
@@ -86,16 +89,43 @@ class _BlockStep:
         return self.block(self.xs[self.i], c)
 
 
+class _OnPath:
+    """A :class:`_BlockStep` whose sparse FF decodes by ``path`` (one block, timed on several paths)."""
+
+    def __init__(self, step: _BlockStep, path: str):
+        self.step, self.path = step, path
+        #: the path the block's sparse FF took in the last call
+        self.taken: str | None = None
+
+    def __call__(self):
+        use_path(self.step.block, self.path)
+        out = self.step()
+        self.taken = sparse_ff_layers(self.step.block)[0].last_decode_path
+        return out
+
+
+def _timed_steps(step: _BlockStep, variant: str, paths: list[str]) -> dict[tuple[str, str | None], object]:
+    """(variant, path) -> callable: one per path for a block with a sparse FF, else one with path None."""
+    if not step.has_sparse_ff:
+        return {(variant, None): step}
+    return {(variant, p): _OnPath(step, p) for p in paths}
+
+
 def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARIANTS), *,
                  cache_len: int = 128, repeats: int | None = None, warmup: int = 2,
-                 interleave_limit_gb: float = 1.0, progress: bool = True) -> pd.DataFrame:
+                 interleave_limit_gb: float = 1.0, progress: bool = True,
+                 paths: Sequence[str] | str | None = None) -> pd.DataFrame:
     """Time one block decoding one token (batch 1, a KV cache of ``cache_len`` positions) per variant.
 
     Weights are random (the cost does not depend on their values). When all variants together are under
     ``interleave_limit_gb`` they are built at once and timed interleaved; otherwise (the 17B shape, about
     5 GB per variant) each is built, timed and freed before the next. Cold cache before every call.
     Columns include the paper's reported per-block time and ratio beside the measured ones.
+
+    ``paths``: the sparse FF decode paths timed (:mod:`.paths`; default the best available). A variant with a
+    sparse FF gets one row per path (same block, timed in the same round-robin), the others one row, path None.
     """
+    paths = check_paths(paths)
     check_choice("shape", shape, BLOCK_SHAPES)
     variants = list(variants)
     if not variants:
@@ -107,33 +137,45 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
         repeats = pick(default=30, fast=8) if shape != "17b" else pick(default=7, fast=3)
     s = BLOCK_SHAPES[shape]
     approx_gb = 4 * (4 * s["d_model"] ** 2 + 2 * s["d_model"] * s["d_ff_qkv"]) / 1e9 * len(variants)
-    times, params = {}, {}
+    times, params, taken = {}, {}, {}
+
+    def timed_and_primes(v, step):
+        fns = _timed_steps(step, v, paths)
+        tiny = _BlockStep(block_config("tiny", v), 8)
+        return fns, {key: _OnPath(tiny, key[1]) if key[1] else tiny for key in fns}
+
     if approx_gb <= interleave_limit_gb:
-        steps = {v: _BlockStep(block_config(shape, v), cache_len) for v in variants}
-        primes = {v: _BlockStep(block_config("tiny", v), 8) for v in variants}
-        times = interleaved(steps, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes,
+        fns, primes = {}, {}
+        for v in variants:
+            step = _BlockStep(block_config(shape, v), cache_len)
+            params[v] = step.params
+            f, p = timed_and_primes(v, step)
+            fns.update(f)
+            primes.update(p)
+        times = interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes,
                             progress=f"block {shape}" if progress else None)
-        params = {v: st.params for v, st in steps.items()}
+        taken = {k: getattr(f, "taken", None) for k, f in fns.items()}
         mode = "interleaved"
-        del steps
+        del fns, primes
     else:
         mode = "one variant at a time"
         for v in tqdm(variants, desc=f"block {shape}", disable=not progress):
             step = _BlockStep(block_config(shape, v), cache_len)
-            times[v] = interleaved({v: step}, repeats=repeats, warmup=warmup, cold_cache=True,
-                                   primes={v: _BlockStep(block_config("tiny", v), 8)})[v]
             params[v] = step.params
-            del step
+            fns, primes = timed_and_primes(v, step)
+            times.update(interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes))
+            taken.update({k: getattr(f, "taken", None) for k, f in fns.items()})
+            del step, fns, primes
             free_memory()
     free_memory()
-    base = times.get("dense")
+    base = times.get(("dense", None))
     paper = PAPER_BLOCK_MS.get(shape, {})
     rows = []
-    for v in variants:
+    for (v, path), seconds in times.items():
         cfg = block_config(shape, v)
-        row = {"shape": shape, "variant": v, "d_ff": cfg.d_ff, "params (M)": params[v] / 1e6,
-               "ms per token": times[v] * 1e3,
-               "speed-up": base / times[v] if base else float("nan"),
+        row = {"shape": shape, "variant": v, "path": path, "step path": taken.get((v, path)), "d_ff": cfg.d_ff, "params (M)": params[v] / 1e6,
+               "ms per token": seconds * 1e3,
+               "speed-up": base / seconds if base else float("nan"),
                "paper ms": paper.get(v, float("nan")),
                "paper speed-up": paper_speedup(shape, v),
                "timing": mode, "cache_len": cache_len}

@@ -18,6 +18,7 @@ from .ff import ff_layer
 from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
 from .int8 import quant_bench
 from .machine import bandwidth
+from .paths import PATHS, check_paths
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, all_variants, crossover, generate_bench
 
@@ -38,23 +39,28 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--out-dir", default=str(DEFAULT_CSV_DIR), help="folder for the CSV table")
     common.add_argument("--no-csv", action="store_true", help="do not write the CSV table")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    path = argparse.ArgumentParser(add_help=False)
+    path.add_argument("--path", choices=PATHS, default=None,
+                      help="the sparse FF decode path: 'pytorch' (SparseFF.decode in PyTorch calls) or 'fused' (its "
+                           "one-call Numba kernel); default: the best available here (fused when Numba is "
+                           "installed). The JSON output names the path in 'path'")
 
     s = sub.add_parser("bandwidth", parents=[common], help="memory bandwidth (GB/s)")
     s.add_argument("--size-mb", type=int, default=None)
 
-    s = sub.add_parser("ff", parents=[common], help="one FF layer: dense forward vs SparseFF.decode")
+    s = sub.add_parser("ff", parents=[common, path], help="one FF layer: dense forward vs SparseFF.decode")
     s.add_argument("--d-model", type=int, nargs="+", default=[pick(default=4096, fast=512)])
     s.add_argument("--d-ff", type=int, nargs="+", default=None, help="default: 4 x d-model")
     s.add_argument("--block-size", type=int, default=64)
     s.add_argument("--d-lowrank", type=int, default=None, help="default: d_ff / block-size")
     s.add_argument("--batch", type=int, default=1)
 
-    s = sub.add_parser("block", parents=[common], help="one Transformer block, the paper's four variants")
+    s = sub.add_parser("block", parents=[common, path], help="one Transformer block, the paper's four variants")
     s.add_argument("--shape", nargs="+", default=["800m"], choices=sorted(BLOCK_SHAPES))
     s.add_argument("--variants", nargs="+", default=list(BLOCK_VARIANTS), choices=list(BLOCK_VARIANTS))
     s.add_argument("--cache-len", type=int, default=128)
 
-    s = sub.add_parser("generate", parents=[common], help="whole model: prefill and per-token decode")
+    s = sub.add_parser("generate", parents=[common, path], help="whole model: prefill and per-token decode")
     s.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 64 (fast: 1 8)")
     s.add_argument("--d-model", type=int, default=384)
     s.add_argument("--n-layers", type=int, default=6)
@@ -94,17 +100,17 @@ def _run(args) -> pd.DataFrame:
         if len(d_ffs) != len(args.d_model):
             raise ValueError(f"--d-ff takes one value or one per --d-model, got d_ff={d_ffs} for "
                              f"d_model={args.d_model}")
-        rows = [ff_layer(d, f, args.block_size, args.d_lowrank, batch=args.batch, repeats=args.repeats)
-                for d, f in zip(args.d_model, d_ffs)]
+        rows = [ff_layer(d, f, args.block_size, args.d_lowrank, batch=args.batch, repeats=args.repeats,
+                         paths=args.paths) for d, f in zip(args.d_model, d_ffs)]
         return pd.DataFrame(rows)
     if c == "block":
         return pd.concat([block_decode(s, args.variants, cache_len=args.cache_len, repeats=args.repeats,
-                                       progress=False) for s in args.shape], ignore_index=True)
+                                       progress=False, paths=args.paths) for s in args.shape], ignore_index=True)
     if c == "generate":
         return generate_bench(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, variants=args.variants,
                               sparse_decode_max_rows=args.sparse_decode_max_rows, repeats=args.repeats,
-                              progress=False)
+                              progress=False, paths=args.paths)
     if c == "crossover":
         return crossover(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers, repeats=args.repeats,
                          progress=False)
@@ -122,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "path"):
+            args.paths = check_paths(args.path)               # None -> [the best available]
         with num_threads(args.threads):
             t0 = time.perf_counter()
             df = _run(args)
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     csv = None if args.no_csv else str(write_csv(df, args.command, args.out_dir))
     if args.json:
         print(json.dumps({"command": args.command, "machine": machine, "seconds": elapsed, "csv": csv,
+                          "path": args.paths[0] if hasattr(args, "paths") else None,
                           "rows": json.loads(df.to_json(orient="records"))}))
     else:
         shown = df.drop(columns=[c for c in ("cpu", "threads", "clock") if c in df.columns])
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                "{:.4g}".format):
             print(f"{args.command}: {machine['cpu']}, {machine['logical cores']} logical cores, torch "
                   f"{machine['torch']} with {machine['torch threads']} threads, timed by {machine['clock']} "
-                  f"({elapsed:.1f} s)")
+                  f"({elapsed:.1f} s)" + (f", sparse FF decode path: {args.paths[0]}" if hasattr(args, "paths") else ""))
             print(shown.to_string(index=False))
             if csv:
                 print(f"written: {csv}")

@@ -12,19 +12,25 @@ from ..layers.dense import DenseFF
 from ..layers.sparse_ff import SparseFF
 from ..measure.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
 from .harness import free_memory, interleaved, machine_columns, positive
+from .paths import check_paths
 
 __all__ = ["ff_layer", "ff_sweep", "ff_rows"]
 
 
 def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = None, *, batch: int = 1,
              repeats: int | None = None, warmup: int = 3, n_inputs: int = 8,
-             cold_cache: bool = True) -> dict[str, object]:
+             cold_cache: bool = True, paths: Sequence[str] | str | None = None) -> dict[str, object]:
     """Seconds per call of a dense FF layer and of ``SparseFF.decode`` on ``batch`` tokens.
 
     ``n_inputs`` different random inputs are cycled, so the sparse layer gathers different rows from call
     to call, as in real decoding. ``limit ratio`` is dense bytes / sparse bytes of weights touched per token
     (:func:`sparse_tutorial.measure.costs.bytes_limit_ratio`): the speed-up a bandwidth-bound layer could reach.
+
+    ``paths``: the decode paths timed (:mod:`.paths`; default the best available), all in the same round-robin.
+    ``sparse s``, ``speed-up`` and ``share of limit`` are the first path's (named in ``path``); with several,
+    every path also gets ``<path> s`` and ``<path> speed-up``.
     """
+    paths = check_paths(paths)
     for name, v in (("d_model", d_model), ("d_ff", d_ff), ("block_size", block_size), ("batch", batch),
                     ("n_inputs", n_inputs)):
         positive(name, v)
@@ -43,30 +49,39 @@ def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = N
 
     tiny_x = torch.randn(batch, 32)
     tiny_dense, tiny_sparse = DenseFF(32, 128).eval(), SparseFF(32, 128, 16).eval()
-    primes = {"dense": lambda: tiny_dense(tiny_x), "sparse": lambda: tiny_sparse.decode(tiny_x)}
-    t = interleaved({"dense": cycling(dense), "sparse": cycling(sparse.decode)}, repeats=repeats,
-                    warmup=warmup, cold_cache=cold_cache, primes=primes)
+    primes = {"dense": lambda: tiny_dense(tiny_x)}
+    fns = {"dense": cycling(dense)}
+    for p in paths:
+        primes[p] = lambda p=p: tiny_sparse.decode(tiny_x, path=p)
+        fns[p] = cycling(lambda x, p=p: sparse.decode(x, path=p))
+    t = interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=cold_cache, primes=primes)
     limit = bytes_limit_ratio(d_model, d_ff, block_size, sparse.d_lowrank)
-    speedup = t["dense"] / t["sparse"]
-    return {"d_model": d_model, "d_ff": d_ff, "block_size": block_size, "d_lowrank": sparse.d_lowrank,
-            "batch": batch, "dense s": t["dense"], "sparse s": t["sparse"], "speed-up": speedup,
-            "limit ratio": limit, "share of limit": speedup / limit,
-            "dense MB": dense_ff_cost(d_model, d_ff).bytes() / 1e6,
-            "sparse MB": sparse_ff_cost(d_model, d_ff, block_size, sparse.d_lowrank).bytes() / 1e6,
-            **machine_columns()}
+    speedup = t["dense"] / t[paths[0]]
+    row = {"d_model": d_model, "d_ff": d_ff, "block_size": block_size, "d_lowrank": sparse.d_lowrank,
+           "batch": batch, "path": paths[0], "dense s": t["dense"], "sparse s": t[paths[0]], "speed-up": speedup,
+           "limit ratio": limit, "share of limit": speedup / limit,
+           "dense MB": dense_ff_cost(d_model, d_ff).bytes() / 1e6,
+           "sparse MB": sparse_ff_cost(d_model, d_ff, block_size, sparse.d_lowrank).bytes() / 1e6}
+    if len(paths) > 1:
+        for p in paths:
+            row[f"{p} s"] = t[p]
+            row[f"{p} speed-up"] = t["dense"] / t[p]
+    return {**row, **machine_columns()}
 
 
 def ff_sweep(widths: Sequence[int], *, ff_ratio: int = 4, block_size: int = 64,
              d_lowrank: int | None = None, batch: int = 1, repeats: int | None = None,
-             cold_cache: bool = True, progress: bool = True) -> pd.DataFrame:
+             cold_cache: bool = True, progress: bool = True,
+             paths: Sequence[str] | str | None = None) -> pd.DataFrame:
     """:func:`ff_layer` for every ``d_model`` in ``widths`` with ``d_ff = ff_ratio * d_model``."""
     widths = list(widths)
     if not widths:
         raise ValueError("widths must not be empty")
+    paths = check_paths(paths)
     rows = []
     for d in tqdm(widths, desc="FF layer widths", disable=not progress):
         rows.append(ff_layer(d, ff_ratio * d, block_size, d_lowrank, batch=batch, repeats=repeats,
-                             cold_cache=cold_cache))
+                             cold_cache=cold_cache, paths=paths))
         free_memory()
     return pd.DataFrame(rows)
 
@@ -92,5 +107,6 @@ def ff_rows(d_model: int, rows: Sequence[int], *, ff_ratio: int = 4, block_size:
         out.append({"d_model": d_model, "d_ff": d_ff, "block_size": block_size, "rows": r,
                     "dense ms": t["dense"] * 1e3, "masked ms": t["masked"] * 1e3, "decode ms": t["decode"] * 1e3,
                     "decode / masked": t["decode"] / t["masked"], "decode / dense": t["decode"] / t["dense"],
-                    "masked / dense": t["masked"] / t["dense"], **machine_columns()})
+                    "masked / dense": t["masked"] / t["dense"], "decode path": sparse.last_decode_path,
+                    **machine_columns()})
     return pd.DataFrame(out)

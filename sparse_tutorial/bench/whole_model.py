@@ -13,6 +13,7 @@ from ..config import pick
 from ..layers.registry import FF_KINDS
 from ..model import ModelConfig, TransformerLM, seed_config
 from .harness import check_choice, check_counts, clock, free_memory, interleaved, machine_columns, positive
+from .paths import check_paths, sparse_ff_layers, use_path
 
 __all__ = ["MODEL_VARIANTS", "all_variants", "model_config", "build_model", "Generation", "generate_bench", "forward_tokens",
            "crossover"]
@@ -61,13 +62,17 @@ def build_model(variant: str, d_model: int, n_layers: int, context_length: int, 
 class Generation:
     """Greedy decoding with the cache, the prefill and the per-token steps timed apart."""
 
-    def __init__(self, model: TransformerLM, prompt: torch.Tensor, new_tokens: int):
-        self.model, self.prompt, self.new_tokens = model, prompt, new_tokens
+    def __init__(self, model: TransformerLM, prompt: torch.Tensor, new_tokens: int, path: str | None = None):
+        self.model, self.prompt, self.new_tokens, self.path = model, prompt, new_tokens, path
         self.prefill: list[float] = []
         self.per_token: list[float] = []
+        #: the path the sparse FF layers took in the last decoding step (None: the model has none)
+        self.step_path: str | None = None
 
     def __call__(self):
         m, now = self.model, clock()
+        if self.path is not None:
+            use_path(m, self.path)
         cache = m.new_cache()
         t0 = now()
         logits, _ = m(self.prompt, cache=cache)                          # prefill: (B, P, vocab)
@@ -79,19 +84,28 @@ class Generation:
         t2 = now()
         self.prefill.append(t1 - t0)
         self.per_token.append((t2 - t1) / max(1, self.new_tokens))
+        layers = sparse_ff_layers(m)
+        self.step_path = layers[0].last_decode_path if layers else None
 
 
 def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 384, n_layers: int = 6,
                    prompt_len: int | None = None, new_tokens: int | None = None,
                    variants: Sequence[str] = tuple(MODEL_VARIANTS),
                    context_length: int = 256, qkv_modules: int = 16, sparse_decode_max_rows: int | None = None,
-                   repeats: int | None = None, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
+                   repeats: int | None = None, warmup: int = 1, progress: bool = True,
+                   paths: Sequence[str] | str | None = None) -> pd.DataFrame:
     """Prefill time of a ``prompt_len``-token prompt and per-token greedy decode time, per batch size.
 
     The variants are built once (random weights) and run round-robin for every batch size. The decode path of
     the sparse FF follows the models' rule (:meth:`Block.feed_forward`, ``sparse_decode_max_rows``; pass a
     value to override it). Ratios are ``dense / variant``: above 1 the variant is faster.
+
+    ``paths``: the sparse FF decode paths (:mod:`.paths`; default the best available). A variant with sparse FF
+    layers gets one row per path, the others one row with path None. With ``"fused"`` the layers take the
+    kernel for every call it applies to (the decoding steps up to ``SparseFF.FUSED_MAX_ROWS`` sequences) and
+    PyTorch for the rest (the prompt); ``step path`` says which one the decoding steps took.
     """
+    paths = check_paths(paths)
     batch_sizes = pick(default=[1, 8, 64], fast=[1, 8]) if batch_sizes is None else batch_sizes
     batch_sizes = [positive("batch size", b) for b in batch_sizes]
     if not batch_sizes:
@@ -114,7 +128,10 @@ def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 3
     rows = []
     for B in tqdm(batch_sizes, desc=f"generate d_model {d_model}", disable=not progress):
         prompt = torch.randint(0, models[variants[0]].cfg.vocab_size, (B, prompt_len))
-        runs = {v: Generation(m, prompt, new_tokens) for v, m in models.items()}
+        runs = {}
+        for v, m in models.items():
+            for p in (paths if sparse_ff_layers(m) else [None]):
+                runs[(v, p)] = Generation(m, prompt, new_tokens, p)
         with torch.inference_mode():
             for _ in range(warmup):
                 for r in runs.values():
@@ -125,15 +142,15 @@ def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 3
             for _ in range(repeats):
                 for r in runs.values():
                     r()
-        med = {v: (statistics.median(r.prefill), statistics.median(r.per_token)) for v, r in runs.items()}
-        for v in variants:
-            pre, tok = med[v]
+        med = {k: (statistics.median(r.prefill), statistics.median(r.per_token)) for k, r in runs.items()}
+        for (v, path), (pre, tok) in med.items():
             row = {"d_model": d_model, "n_layers": n_layers, "batch": B, "prompt_len": prompt_len,
-                   "variant": v, "prefill ms": pre * 1e3, "decode ms per step": tok * 1e3,
+                   "variant": v, "path": path, "step path": runs[(v, path)].step_path,
+                   "prefill ms": pre * 1e3, "decode ms per step": tok * 1e3,
                    "decode µs per token": tok * 1e6 / B}
-            if "dense" in med:
-                row["prefill ratio (variant / dense)"] = pre / med["dense"][0]
-                row["decode speed-up (dense / variant)"] = med["dense"][1] / tok
+            if ("dense", None) in med:
+                row["prefill ratio (variant / dense)"] = pre / med[("dense", None)][0]
+                row["decode speed-up (dense / variant)"] = med[("dense", None)][1] / tok
             rows.append({**row, **machine_columns()})
     del models
     free_memory()

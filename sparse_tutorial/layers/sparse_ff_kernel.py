@@ -242,12 +242,13 @@ def _array(t: torch.Tensor) -> np.ndarray:
 
 def fused_decode(x: torch.Tensor, c1: torch.Tensor, c2t: torch.Tensor, c2b: torch.Tensor, w1: torch.Tensor,
                  w2: torch.Tensor, b2: torch.Tensor, block_size: int, scale_by_prob: bool = False,
-                 threads: int | None = None, return_chosen: bool = False):
+                 threads: int | None = None, return_chosen: bool = False, chunks: int | None = None):
     """The fused decoding step on PyTorch tensors (float32, CPU): ``x`` ``(B, d)`` -> ``(B, d)``.
 
     ``c1`` ``(r, d)``, ``c2t`` ``(r, d_ff)`` (``C2`` transposed), ``c2b`` ``(d_ff,)``, ``w1`` and ``w2``
     ``(d_ff, d)``, ``b2`` ``(d,)``: see :func:`_decode_kernel`. ``threads`` defaults to torch's thread count
     (:func:`kernel_threads`). With ``return_chosen`` also the ``(B, n_blocks)`` flat indices of the chosen units.
+    ``chunks``: split the blocks into this many ranges instead of one per thread (the tests' uneven splits).
     Arguments are not checked here; :meth:`SparseFF.decode` checks them.
     """
     if numba is None:
@@ -260,11 +261,17 @@ def fused_decode(x: torch.Tensor, c1: torch.Tensor, c2t: torch.Tensor, c2b: torc
     chosen = np.empty((B, n_blocks), dtype=np.int64)
     args = (_array(x), _array(c1), _array(c2t), _array(c2b), _array(w1), _array(w2), _array(b2),
             block_size, bool(scale_by_prob))
+    n_chunks = n if chunks is None else chunks
     if n == 1:
-        _kernel_serial(*args, 1, out, chosen)
+        _kernel_serial(*args, n_chunks, out, chosen)
     else:
+        torch_threads = torch.get_num_threads()
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
-        _kernel_parallel(*args, n, out, chosen)
+        _kernel_parallel(*args, n_chunks, out, chosen)
+        if torch.get_num_threads() != torch_threads:
+            # Numba's OpenMP pool, started by its first threaded call, sets the OpenMP thread count of the
+            # process, which is also PyTorch's: put PyTorch's back
+            torch.set_num_threads(torch_threads)
     y = torch.from_numpy(out)
     return (y, torch.from_numpy(chosen)) if return_chosen else y
