@@ -239,8 +239,10 @@ UNCAPTIONED_JS = """() => [...document.querySelectorAll('article img')]
         return !(cap && cap.querySelector('.caption-number') && cap.textContent.trim().length > 12);
     })
     .map(img => {
-        const cell = img.closest('.cell');
-        return (cell && cell.id ? 'cell ' + cell.id + ': ' : '') + img.getAttribute('src').slice(0, 80);
+        const heading = [...document.querySelectorAll('h1, h2, h3')]
+            .filter(h => h.compareDocumentPosition(img) & Node.DOCUMENT_POSITION_FOLLOWING).pop();
+        return 'under "' + (heading ? heading.textContent.replace('#', '').trim().slice(0, 60) : 'top') + '": '
+            + img.getAttribute('src').slice(0, 80);
     })"""
 
 
