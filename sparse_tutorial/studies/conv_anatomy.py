@@ -79,20 +79,20 @@ def shape_diagram(layer: ConvQKVAttention, T: int = 8, t: int | None = None, s: 
     t, s = T - 2 if t is None else t, S // 2 if s is None else s
     mk = layer.conv_q.conv.weight.shape[-1]
     fig, (ax, img) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=[2.4, 1], layout="constrained")
-    ax.set(xlim=(0, 10.5), ylim=(0, 4.2)), ax.axis("off")
+    ax.set(xlim=(0, 10.8), ylim=(0, 4.2)), ax.axis("off")
     _box(ax, 0.1, 1.7, 1.3, 0.8, f"x\n(B, T, {d})", COLORS["dense"], "input")
     _box(ax, 1.9, 1.7, 2.0, 0.8, f"multiplicative\nD ({S}, {d})\nE ({d}, {M})", COLORS["controller"],
          f"{S * d + d * M + d:,} parameters")
-    _box(ax, 4.4, 1.7, 1.5, 0.8, f"u\n(B, T, S={S}, M={M})", COLORS["dense"], "image T x S, M channels")
+    _box(ax, 4.3, 1.7, 1.8, 0.8, f"u (B, T, S, M)\nS={S}, M={M}", COLORS["dense"], "image T x S, M channels")
     for row, (name, kernel) in enumerate([("Q", f"{lk}x{mk}"), ("K", f"{lk}x{mk}"), ("V", f"{lk}x1")]):
         y = 3.1 - 1.2 * row
-        _box(ax, 6.5, y, 1.4, 0.7, f"conv {name}\n{kernel}, {M}->{M}", COLORS["sparse"], "causal in T")
-        _arrow(ax, 5.9, 2.1, 6.5, y + 0.35)
-        _arrow(ax, 7.9, y + 0.35, 8.6, 2.1)
-    _box(ax, 8.6, 1.7, 1.8, 0.8, f"{S} heads of size {M}\n-> (B, T, {d})", COLORS["dense"],
+        _box(ax, 6.6, y, 1.4, 0.7, f"conv {name}\n{kernel}, {M}->{M}", COLORS["sparse"], "causal in T")
+        _arrow(ax, 6.1, 2.1, 6.6, y + 0.35)
+        _arrow(ax, 8.0, y + 0.35, 8.5, 2.1)
+    _box(ax, 8.5, 1.7, 2.2, 0.8, f"{S} heads of size {M}\n-> (B, T, {d})", COLORS["dense"],
          "no output projection")
     _arrow(ax, 1.4, 2.1, 1.9, 2.1)
-    _arrow(ax, 3.9, 2.1, 4.4, 2.1)
+    _arrow(ax, 3.9, 2.1, 4.3, 2.1)
     ax.set_title(f"ConvQKVAttention(d_model={d}, n_modules={S}): shapes of one layer", fontsize=10)
 
     img.set(xlim=(-0.5, S - 0.5), ylim=(T - 0.5, -0.5), xlabel="module s", ylabel="position t",
