@@ -7,7 +7,8 @@ Serves the built site (``_build/html``, or ``$BOOK_HTML_DIR``) on 127.0.0.1 and 
   (the book serves its own JavaScript, fonts and MathJax);
 * no broken image; saved widgets render; math is typeset;
 * every kernel-free slider (``sparse_tutorial.studies.interactive.slider_figure``) is moved through all its positions
-  with the keyboard, and each move must change the picture shown;
+  with the keyboard, and each move must change the picture shown; every text slider
+  (``sparse_tutorial.studies.text_slider.slider_text``) likewise, and each move must change the text shown;
 * the page's layout fits its text column at 1280 px: no table and no code cell (input or output) is wider than
   the column (``LAYOUT_JS``: a table's right edge, and a code block's ``scrollWidth`` against its ``clientWidth``,
   so a block that hides or scrolls part of a line fails too);
@@ -45,6 +46,7 @@ from urllib.parse import urlparse
 import pytest
 
 from sparse_tutorial.studies.interactive import SLIDER_CLASS
+from sparse_tutorial.studies.text_slider import TEXT_SLIDER_CLASS
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = Path(os.environ.get("BOOK_HTML_DIR") or ROOT / "_build" / "html").resolve()
@@ -289,6 +291,34 @@ def check_slider(page, slider, number: int) -> list[str]:
     return problems
 
 
+SHOWN_TEXT_JS = """el => [...el.querySelectorAll('pre.sparse-slider-sample')]
+    .filter(p => p.offsetParent !== null).map(p => p.textContent).join('\\n')"""
+
+
+def check_text_slider(page, box, number: int) -> list[str]:
+    """Move a text slider through every position with the keyboard; each move must change the text shown."""
+    handle = box.query_selector(".noUi-handle")
+    if handle is None:
+        return [f"text slider {number}: no slider handle rendered"]
+    n = int(float(handle.get_attribute("aria-valuemax"))) + 1
+    handle.focus()
+    page.keyboard.press("Home")
+    for _ in range(n):
+        page.keyboard.press("ArrowLeft")
+    before = page.evaluate(SHOWN_TEXT_JS, box)
+    if not before.strip():
+        return [f"text slider {number}: no text shown"]
+    for position in range(1, n):
+        page.keyboard.press("ArrowRight")
+        try:
+            page.wait_for_function(f"([el, old]) => {{ const t = ({SHOWN_TEXT_JS})(el); return t && t !== old }}",
+                                   arg=[box, before], timeout=5_000)
+        except Exception:
+            return [f"text slider {number}: moving to position {position} did not change the text"]
+        before = page.evaluate(SHOWN_TEXT_JS, box)
+    return []
+
+
 @pytest.mark.parametrize("page_path", book_pages())
 def test_page_in_browser(page_path, site, context):
     html = (HTML / page_path).read_text(encoding="utf-8", errors="replace")
@@ -328,6 +358,9 @@ def test_page_in_browser(page_path, site, context):
         for number, slider in enumerate(sliders, start=1):
             slider.scroll_into_view_if_needed()
             problems += check_slider(page, slider, number)
+        for number, box in enumerate(page.query_selector_all(f".{TEXT_SLIDER_CLASS}"), start=1):
+            box.scroll_into_view_if_needed()
+            problems += check_text_slider(page, box, number)
         problems += requests.wait_quiet("after the sliders")  # late failures and errors are still caught
     finally:
         page.close()
@@ -403,8 +436,9 @@ def test_every_chapter_has_an_interactive_figure(site):
     # the numbered chapters; the back matter's notebook page (the paper's claims) is a table, not a chapter
     chapters = sorted((HTML / "notebooks").glob("[0-9]*.html")) if (HTML / "notebooks").is_dir() else []
     assert chapters, f"no chapter pages under {HTML / 'notebooks'}"
-    missing = [p.name for p in chapters if SLIDER_CLASS not in p.read_text(encoding="utf-8", errors="replace")]
-    assert not missing, f"chapters with no slider_figure: {missing}"
+    missing = [p.name for p in chapters
+               if not any(c in p.read_text(encoding="utf-8", errors="replace") for c in (SLIDER_CLASS, TEXT_SLIDER_CLASS))]
+    assert not missing, f"chapters with no slider_figure or slider_text: {missing}"
 
 
 def test_hand_numbered_headings_are_found():
