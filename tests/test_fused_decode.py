@@ -237,7 +237,7 @@ def test_cached_generation_takes_the_fused_path_by_default():
     steps = []
     original = SparseFF._fused_decode
     try:
-        SparseFF._fused_decode = lambda self, x: steps.append(x.shape) or original(self, x)
+        SparseFF._fused_decode = lambda self, x, w: steps.append(x.shape) or original(self, x, w)
         fused = model.generate(prompt, 8, greedy=True)
     finally:
         SparseFF._fused_decode = original
@@ -268,3 +268,23 @@ def test_a_threaded_call_leaves_torchs_thread_count_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "3"
+
+
+def test_the_kernel_sees_replaced_and_converted_weights():
+    """The layer keeps the kernel's views of its weights between calls; they follow the weights when these are
+    changed in place, replaced, or converted."""
+    layer = make_layer(16, 4, 4, 3)
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        layer.decode(x)
+        layer.w2.mul_(2)                                            # in place: the same memory
+        torch.testing.assert_close(layer.decode(x), layer.decode(x, path="pytorch"), **TOL)
+        layer.w1 = torch.nn.Parameter(torch.randn_like(layer.w1))   # replaced: new memory
+        layer.controller.c2.weight.data = torch.randn(layer.controller.c2.weight.shape)   # row-major
+        got = layer.decode(x)
+        assert layer.last_decode_path == "fused"
+        torch.testing.assert_close(got, layer.decode(x, path="pytorch"), **TOL)
+        layer.controller.c2.weight.mul_(-1)                         # in place, now a row-major C2: the kernel's
+        torch.testing.assert_close(layer.decode(x), layer.decode(x, path="pytorch"), **TOL)  # copy is made again
+        layer.double()                                              # converted: the kernel no longer applies
+        check_fallback(layer, x.double(), "float32")

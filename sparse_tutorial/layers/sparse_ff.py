@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,16 @@ INITS = ("torch", "reference")
 #: where it applies and PyTorch otherwise, ``"pytorch"`` always the PyTorch reference, ``"fused"`` always the kernel
 #: (a ValueError saying why when it does not apply)
 DECODE_PATHS = ("auto", "pytorch", "fused")
+
+#: per layer: the kernel's views of its weights (see ``SparseFF._fused_weights``)
+_FUSED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kernel_module():
+    """The fused kernel's module, imported on first use (it imports Numba, about half a second)."""
+    from . import sparse_ff_kernel
+    return sparse_ff_kernel
+
 
 CONTROLLERS = {"lowrank": LowRankController, "full": FullRankController, "mlp": MLPController}
 
@@ -341,38 +352,68 @@ class SparseFF(FeedForward):
         layers), float32 weights and input on the CPU, at most :attr:`FUSED_MAX_ROWS` tokens, and no gradient to
         record (the kernel is invisible to autograd: call it under ``torch.no_grad()`` or inference mode).
         """
-        from . import sparse_ff_kernel                                 # imports Numba: only when decoding
-        if not sparse_ff_kernel.available():
-            return sparse_ff_kernel.unavailable_reason()
-        ctrl = self.controller
-        if not (isinstance(ctrl, LowRankController) and type(ctrl.c1) is nn.Linear
-                and type(ctrl.c2) is nn.Linear):
-            return (f"the kernel computes the low-rank controller of nn.Linear layers only, this layer has "
-                    f"controller={self.controller_kind!r} ({type(ctrl).__name__})")
-        weights = (self.w1, self.w2, self.b2, ctrl.c1.weight, ctrl.c2.weight, ctrl.c2.bias)
-        for w in weights:
-            if w.dtype != torch.float32 or w.device.type != "cpu":
-                return f"the kernel is compiled for float32 on the CPU, the weights are {w.dtype} on {w.device}"
-        if x is None:
-            return None
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            return f"the kernel is compiled for float32 on the CPU, x is {x.dtype} on {x.device}"
+        return self._fused_check(x)[0]
+
+    def _fused_check(self, x: torch.Tensor | None) -> tuple[str | None, tuple | None]:
+        """(:meth:`fused_unavailable`, the kernel's views of the weights when it is None)."""
+        kernel = _kernel_module()
+        if not kernel.available():
+            return kernel.unavailable_reason(), None
+        why_not, weights = self._fused_weights()
+        if why_not is not None or x is None:
+            return why_not, weights
+        if x.dtype != torch.float32 or not x.is_cpu:
+            return f"the kernel is compiled for float32 on the CPU, x is {x.dtype} on {x.device}", None
         rows = x.numel() // self.d_model
         if rows > self.FUSED_MAX_ROWS:
-            return f"{rows} tokens in one call, more than FUSED_MAX_ROWS={self.FUSED_MAX_ROWS}"
-        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-            return "autograd is recording and the kernel has no backward (use torch.no_grad or inference mode)"
-        return None
+            return f"{rows} tokens in one call, more than FUSED_MAX_ROWS={self.FUSED_MAX_ROWS}", None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return "autograd is recording and the kernel has no backward (use torch.no_grad or inference mode)", None
+        return None, weights
 
-    def _fused_decode(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`decode` in one call of :func:`.sparse_ff_kernel.fused_decode` (checked by the caller)."""
-        from .sparse_ff_kernel import fused_decode
-        ctrl = self.controller
-        xf = x.reshape(-1, self.d_model)                               # (B, d); a copy only if x is strided
-        y = fused_decode(xf, ctrl.c1.weight, ctrl.c2.weight.t(), ctrl.c2.bias, self.w1, self.w2, self.b2,
-                         self.block_size, self.scale_by_prob)
-        self.last_decode_path = "fused"
-        return y.view(*x.shape[:-1], self.d_model)
+    def _fused_weights(self) -> tuple[str | None, tuple | None]:
+        """(why the layer's weights do not suit the kernel or None, the kernel's NumPy views of them).
+
+        Kept between calls (outside the module, so copies and pickles of the layer carry none) and made again
+        when a weight is replaced, moved, converted or changed in place (its address, dtype or version changes;
+        a view needs nothing new then, but a weight stored in another layout is copied for the kernel). The weights are read from
+        the modules' own dictionaries: ``nn.Module`` attribute look-ups cost about a microsecond each, and this
+        runs once per layer and token.
+        """
+        ctrl = self._modules["controller"]
+        c1 = ctrl._modules.get("c1") if type(ctrl) is LowRankController else None
+        c2 = ctrl._modules.get("c2") if type(ctrl) is LowRankController else None
+        low_rank = type(c1) is nn.Linear and type(c2) is nn.Linear
+        weights = ((c1._parameters["weight"], c2._parameters["weight"], c2._parameters["bias"],
+                    self._parameters["w1"], self._parameters["w2"], self._parameters["b2"]) if low_rank else ())
+        key = (low_rank,) + tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
+        cached = _FUSED_WEIGHTS.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        why_not, arrays = None, None
+        if not low_rank:
+            why_not = (f"the kernel computes the low-rank controller of nn.Linear layers only, this layer has "
+                       f"controller={self.controller_kind!r} ({type(ctrl).__name__})")
+        else:
+            for w in weights:
+                if w.dtype != torch.float32 or not w.is_cpu:
+                    why_not = f"the kernel is compiled for float32 on the CPU, the weights are {w.dtype} on {w.device}"
+                    break
+        if why_not is None:
+            c1w, c2w, c2b, w1, w2, b2 = weights
+            arrays = _kernel_module().prepare(c1w, c2w.t(), c2b, w1, w2, b2)
+        _FUSED_WEIGHTS[self] = (key, why_not, arrays)
+        return why_not, arrays
+
+    def _fused_decode(self, x: torch.Tensor, weights: tuple) -> torch.Tensor:
+        """:meth:`decode` in one call of the kernel (:func:`.sparse_ff_kernel.run`), ``weights`` from
+        :meth:`_fused_check`."""
+        xf = x.detach().reshape(-1, self.d_model).numpy()              # (B, d); a copy only if x is strided
+        if not xf.flags.c_contiguous:
+            xf = xf.copy()
+        out, _ = _kernel_module().run(xf, weights, self.block_size, self.scale_by_prob)
+        self.__dict__["last_decode_path"] = "fused"                   # nn.Module.__setattr__ costs microseconds
+        return torch.from_numpy(out).view(*x.shape[:-1], self.d_model)
 
     def decode(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """The sparse computation: touch only the ``n_blocks`` selected rows of ``W1^T`` and ``W2``.
@@ -398,12 +439,12 @@ class SparseFF(FeedForward):
         elif path not in DECODE_PATHS:
             raise ValueError(f"path must be one of {DECODE_PATHS} or None, got path={path!r}")
         if path != "pytorch":
-            why_not = self.fused_unavailable(x)
+            why_not, weights = self._fused_check(x)
             if why_not is None:
-                return self._fused_decode(x)
+                return self._fused_decode(x, weights)
             if path == "fused":
                 raise ValueError(f"path='fused' does not apply to this call: {why_not}")
-        self.last_decode_path = "pytorch"
+        self.__dict__["last_decode_path"] = "pytorch"
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_model)                               # (B, d)
         if xf.shape[0] == 1:                                           # one token: matrix-vector products

@@ -37,8 +37,8 @@ try:                                        # optional: without Numba the layer 
 except ImportError:                         # pragma: no cover - exercised by monkeypatching in the tests
     numba = None
 
-__all__ = ["available", "unavailable_reason", "fused_decode", "kernel_threads", "PARALLEL_MIN_BYTES",
-           "KERNEL_SOURCE_FUNCTIONS"]
+__all__ = ["available", "unavailable_reason", "prepare", "run", "fused_decode", "kernel_threads",
+           "PARALLEL_MIN_BYTES", "KERNEL_SOURCE_FUNCTIONS"]
 
 #: below this many bytes of weights read per token the kernel runs on one thread whatever the thread count:
 #: starting and joining the other threads costs more than the rows it would share out
@@ -235,9 +235,51 @@ def kernel_threads(bytes_per_token: int, threads: int | None = None) -> int:
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
-    """A float32, C-contiguous NumPy view of ``t`` (a copy only when ``t`` is not contiguous)."""
+    """A C-contiguous NumPy view of ``t`` (a copy only when ``t`` is not contiguous)."""
     a = t.detach().numpy()
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def prepare(c1: torch.Tensor, c2t: torch.Tensor, c2b: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+            b2: torch.Tensor) -> tuple:
+    """The layer's weights as the NumPy views :func:`run` takes (float32, CPU; no copy of contiguous weights).
+
+    ``c1`` ``(r, d)``, ``c2t`` ``(r, d_ff)`` (``C2`` transposed), ``c2b`` ``(d_ff,)``, ``w1`` and ``w2``
+    ``(d_ff, d)``, ``b2`` ``(d,)``: see :func:`_decode_kernel`. A caller may keep the result between calls.
+    """
+    return tuple(_array(t) for t in (c1, c2t, c2b, w1, w2, b2))
+
+
+def run(x: np.ndarray, weights: tuple, block_size: int, scale_by_prob: bool = False, threads: int | None = None,
+        chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fused step on NumPy arrays: ``x`` ``(B, d)`` float32 C-contiguous and :func:`prepare`'s ``weights``
+    -> ``(out (B, d), chosen (B, n_blocks))``.
+
+    ``threads`` defaults to torch's thread count (:func:`kernel_threads`); ``chunks`` splits the blocks into
+    that many ranges instead of one per thread (the tests' uneven splits).
+    """
+    if numba is None:
+        raise RuntimeError(unavailable_reason())
+    c1, c2t, c2b, w1, w2, b2 = weights
+    B, d = x.shape
+    d_ff, r = w1.shape[0], c1.shape[0]
+    n_blocks = d_ff // block_size
+    n = kernel_threads(4 * (r * (d + d_ff) + 2 * n_blocks * d), threads)
+    out = np.empty((B, d), dtype=np.float32)
+    chosen = np.empty((B, n_blocks), dtype=np.int64)
+    n_chunks = n if chunks is None else chunks
+    if n == 1:
+        _kernel_serial(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chunks, out, chosen)
+    else:
+        torch_threads = torch.get_num_threads()
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        _kernel_parallel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chunks, out, chosen)
+        if torch.get_num_threads() != torch_threads:
+            # Numba's OpenMP pool, started by its first threaded call, sets the OpenMP thread count of the
+            # process, which is also PyTorch's: put PyTorch's back
+            torch.set_num_threads(torch_threads)
+    return out, chosen
 
 
 def fused_decode(x: torch.Tensor, c1: torch.Tensor, c2t: torch.Tensor, c2b: torch.Tensor, w1: torch.Tensor,
@@ -245,33 +287,11 @@ def fused_decode(x: torch.Tensor, c1: torch.Tensor, c2t: torch.Tensor, c2b: torc
                  threads: int | None = None, return_chosen: bool = False, chunks: int | None = None):
     """The fused decoding step on PyTorch tensors (float32, CPU): ``x`` ``(B, d)`` -> ``(B, d)``.
 
-    ``c1`` ``(r, d)``, ``c2t`` ``(r, d_ff)`` (``C2`` transposed), ``c2b`` ``(d_ff,)``, ``w1`` and ``w2``
-    ``(d_ff, d)``, ``b2`` ``(d,)``: see :func:`_decode_kernel`. ``threads`` defaults to torch's thread count
-    (:func:`kernel_threads`). With ``return_chosen`` also the ``(B, n_blocks)`` flat indices of the chosen units.
-    ``chunks``: split the blocks into this many ranges instead of one per thread (the tests' uneven splits).
-    Arguments are not checked here; :meth:`SparseFF.decode` checks them.
+    The weights as in :func:`prepare`; ``threads`` and ``chunks`` as in :func:`run`. With ``return_chosen`` also
+    the ``(B, n_blocks)`` flat indices of the chosen units. Arguments are not checked here;
+    :meth:`SparseFF.decode` checks them (and keeps :func:`prepare`'s views between calls).
     """
-    if numba is None:
-        raise RuntimeError(unavailable_reason())
-    B, d = x.shape
-    d_ff, r = w1.shape[0], c1.shape[0]
-    n_blocks = d_ff // block_size
-    n = kernel_threads(4 * (r * (d + d_ff) + 2 * n_blocks * d), threads)
-    out = np.empty((B, d), dtype=np.float32)
-    chosen = np.empty((B, n_blocks), dtype=np.int64)
-    args = (_array(x), _array(c1), _array(c2t), _array(c2b), _array(w1), _array(w2), _array(b2),
-            block_size, bool(scale_by_prob))
-    n_chunks = n if chunks is None else chunks
-    if n == 1:
-        _kernel_serial(*args, n_chunks, out, chosen)
-    else:
-        torch_threads = torch.get_num_threads()
-        if numba.get_num_threads() != n:
-            numba.set_num_threads(n)
-        _kernel_parallel(*args, n_chunks, out, chosen)
-        if torch.get_num_threads() != torch_threads:
-            # Numba's OpenMP pool, started by its first threaded call, sets the OpenMP thread count of the
-            # process, which is also PyTorch's: put PyTorch's back
-            torch.set_num_threads(torch_threads)
+    out, chosen = run(_array(x), prepare(c1, c2t, c2b, w1, w2, b2), block_size, bool(scale_by_prob), threads,
+                      chunks)
     y = torch.from_numpy(out)
     return (y, torch.from_numpy(chosen)) if return_chosen else y
