@@ -233,6 +233,17 @@ def test_path_flag_refuses_unknown_paths(capsys):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+def test_two_paths_in_one_run(capsys, tmp_path):
+    from sparse_tutorial.layers import sparse_ff_kernel
+
+    if not sparse_ff_kernel.available():
+        pytest.skip("numba is not installed")
+    out = run_json(capsys, tmp_path, *TINY["block"], "--path", "fused", "pytorch")
+    assert out["path"] == "fused" and out["paths"] == ["fused", "pytorch"]
+    assert [(r["variant"], r["path"], r["step path"]) for r in out["rows"]][:3] == [
+        ("dense", None, None), ("sparse FF", "fused", "fused"), ("sparse FF", "pytorch", "pytorch")]
+
+
 def test_table_header_names_the_path(capsys, tmp_path):
     status, out = run(capsys, tmp_path, *TINY["ff"], "--path", "pytorch")
     assert status == 0 and "sparse FF decode path: pytorch" in out.splitlines()[0]

@@ -40,10 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--no-csv", action="store_true", help="do not write the CSV table")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     path = argparse.ArgumentParser(add_help=False)
-    path.add_argument("--path", choices=PATHS, default=None,
+    path.add_argument("--path", choices=PATHS, nargs="+", default=None,
                       help="the sparse FF decode path: 'pytorch' (SparseFF.decode in PyTorch calls) or 'fused' (its "
                            "one-call Numba kernel); default: the best available here (fused when Numba is "
-                           "installed). The JSON output names the path in 'path'")
+                           "installed). Two paths time both in one run, the first in the main columns. The JSON "
+                           "output names the (first) path in 'path', all in 'paths'")
 
     s = sub.add_parser("bandwidth", parents=[common], help="memory bandwidth (GB/s)")
     s.add_argument("--size-mb", type=int, default=None)
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"command": args.command, "machine": machine, "seconds": elapsed, "csv": csv,
                           "path": args.paths[0] if hasattr(args, "paths") else None,
+                          "paths": args.paths if hasattr(args, "paths") else None,
                           "rows": json.loads(df.to_json(orient="records"))}))
     else:
         shown = df.drop(columns=[c for c in ("cpu", "threads", "clock") if c in df.columns])
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                "{:.4g}".format):
             print(f"{args.command}: {machine['cpu']}, {machine['logical cores']} logical cores, torch "
                   f"{machine['torch']} with {machine['torch threads']} threads, timed by {machine['clock']} "
-                  f"({elapsed:.1f} s)" + (f", sparse FF decode path: {args.paths[0]}" if hasattr(args, "paths") else ""))
+                  f"({elapsed:.1f} s)" + (f", sparse FF decode path: {' and '.join(args.paths)}" if hasattr(args, "paths") else ""))
             print(shown.to_string(index=False))
             if csv:
                 print(f"written: {csv}")
