@@ -157,3 +157,38 @@ def batch_panel(sweep, peak_gflops: float, bandwidth_gbs: float, predicted, batc
                  f"measured {row['µs per token']:.0f} µs/token, roofline predicts {pred:.0f} µs/token")
     fig.tight_layout()
     return fig
+
+
+def mask_modes_figure(ff, x, block: int = 0, seed: int = 4, title: str = "") -> Figure:
+    """One token's mask over the units of one block of a ``SparseFF`` in its three modes: the soft mask
+    ``p = softmax(logits)``, a hard training sample (temperature 0.1) and the evaluation argmax.
+
+    ``x`` is one token, shape ``(1, d_model)``. The layer's mode and ``hard_prob`` are restored afterwards.
+    """
+    import torch
+
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"x must be one token of shape (1, d_model), got {tuple(x.shape)}")
+    was_training, hard_prob = ff.training, ff.hard_prob
+    try:
+        with torch.no_grad():
+            soft = torch.softmax(ff.block_logits(x), -1)[0, block]
+            ff.train()
+            ff.hard_prob = 1.0
+            torch.manual_seed(seed)
+            hard = ff.mask(x)[0, block]
+            evalm = ff.eval().mask(x)[0, block]
+    finally:
+        ff.train(was_training)
+        ff.hard_prob = hard_prob
+    n = ff.block_size
+    fig, axes = plt.subplots(1, 3, figsize=(11, 2.6), sharey=True, layout="constrained")
+    panels = [(f"soft mask p ({1 - hard_prob:.0%} of training calls)", soft),
+              (f"hard mask: a sample, T = 0.1 ({hard_prob:.0%})", hard), ("evaluation: argmax", evalm)]
+    for ax, (name, m) in zip(axes, panels):
+        ax.bar(range(n), m.float().numpy(), color=COLORS["controller"])
+        ax.set(title=name, xlabel=f"unit within block {block} (N = {n})")
+    axes[0].set_ylabel("mask value")
+    if title:
+        fig.suptitle(title)
+    return fig
