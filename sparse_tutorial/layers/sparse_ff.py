@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import last_dim, positive_int, probability, real_number, same_dtype
-from . import masked_relu as _fused
 from .base import FeedForward
 
 __all__ = [
@@ -302,32 +301,12 @@ class SparseFF(FeedForward):
         return (cdf < u).sum(dim=-1).clamp_max(self.block_size - 1)
 
     # -- the dense-compute path (training and eval) -------------------------------------------------
-    #: the training path: ``"auto"`` (the fused Numba pass of :mod:`.masked_relu` when it can run, else
-    #: PyTorch) or ``"pytorch"`` (the operations below; the readable reference). Both compute the same.
-    train_path: str = "auto"
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense compute with a mask: ``relu((x W1) * mask) W2 + b2``. Shapes ``(..., d_model)``."""
-        if self.train_path not in ("auto", "pytorch"):
-            raise ValueError(f"train_path must be 'auto' or 'pytorch', got train_path={self.train_path!r}")
-        if self.training and self.train_path == "auto" and _fused.available(x):
-            return self._forward_fused(x)
         m = self.mask(x)                                               # (..., n_blocks, block_size)
         h = F.linear(x, self.w1).unflatten(-1, (self.n_blocks, self.block_size))
         h = F.relu(h * m).flatten(-2)                                  # (..., d_ff)
         return self.dropout(h @ self.w2 + self.b2)                     # (..., d_model)
-
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` in training with the mask, the ReLU and their backward fused (same random draws)."""
-        logits = self.block_logits(x)                                  # (..., n_blocks, block_size)
-        use_hard = bool(torch.rand(()) < self.hard_prob)              # the draws of mask() and _sample(), in order
-        self.last_mask_hard = use_hard
-        u = torch.rand(logits.shape[:-1] + (1,), dtype=x.dtype) if use_hard and self.noise_scale else None
-        a = F.linear(x, self.w1)                                       # (..., d_ff)
-        shape = (-1, self.n_blocks, self.block_size)
-        h = _fused.masked_relu(a.reshape(shape), logits.reshape(shape), hard=use_hard, u=u,
-                               noise_scale=self.noise_scale, scale_by_prob=self.scale_by_prob)
-        return self.dropout(h.view(a.shape) @ self.w2 + self.b2)       # (..., d_model)
 
     # -- the sparse path ----------------------------------------------------------------------------
     #: most tokens per call the fused kernel takes (it gathers rows for every token); more go through PyTorch,
