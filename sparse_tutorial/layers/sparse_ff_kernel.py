@@ -4,7 +4,7 @@
 eleven PyTorch calls per token, and copies the selected rows of ``W1^T`` into a buffer before it multiplies them.
 :func:`fused_decode` does the same arithmetic in **one call per token and layer**:
 
-1. the controller's low-rank product ``h = C1 x`` (``d_lowrank`` dot products);
+1. the controller's low-rank product ``h = C1 x`` (``d_lowrank`` dot products, four rows of ``C1`` at a time);
 2. the scores ``logits = h C2 + c`` of every unit, and the argmax in every block;
 3. for every block, the dot product of the selected row of ``W1^T`` with ``x``, read once in place, the ReLU,
    (with ``scale_by_prob``) the chosen unit's in-block probability, and that multiple of the selected row of
@@ -16,13 +16,13 @@ eleven PyTorch calls per token, and copies the selected rows of ``W1^T`` into a 
 The kernel is plain Python that Numba compiles to machine code the first time it runs (``cache=True`` keeps the
 compiled code on disk for the next process). It is compiled with ``fastmath=False``: no approximate functions,
 no assumptions about infinities or NaN, every sum in the order the source states, except inside the dot
-products (:func:`_dot4`), whose additions the compiler may regroup into vector lanes, as BLAS does. The result
+products (:func:`_dot4` and its kin), whose additions the compiler may regroup into vector lanes, as BLAS does. The result
 differs from PyTorch's only by rounding. Only float32 on the CPU is compiled;
 :class:`SparseFF` falls back to its PyTorch ``decode`` for anything else, and when Numba is not installed.
 
 No unit is skipped when its ReLU is zero: the kernel reads the ``W2`` row of every selected unit, as the bytes
-that chapter 5's limit counts. (Skipping would flatter random weights, where half the selected units are
-negative; a trained controller mostly picks units that fire.)
+that chapter 5's limit counts. (Skipping them would make the benchmark's random weights, where about half the
+selected units are negative, look cheaper than a trained layer whose chosen units may mostly fire.)
 """
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def unavailable_reason() -> str | None:
 def _dot4(a0, a1, a2, a3, b, n):
     """The four dot products ``a_k[:n] . b[:n]`` in one pass over ``b``, in float32.
 
-    Four rows at a time: the memory system fetches four streams at once where one row alone leaves it waiting
-    (measured 9 GB/s for one row at a time, 15 GB/s for four, cold). The one place where the compiler may
+    Several rows at a time: the memory system fetches several streams at once where one row alone leaves it
+    waiting (measured on rows of 4096 weights, cold: 9 GB/s one row at a time, 15 GB/s four at a time; eight,
+    :func:`_dot8`, took the whole kernel about 5% further). The one place where the compiler may
     regroup additions (Numba's ``fastmath={"reassoc"}``): each sum then runs in sixteen vector lanes, as in BLAS;
     in the source's strict order every addition waits for the previous one (measured four times slower).
     """
@@ -78,6 +79,21 @@ def _dot4(a0, a1, a2, a3, b, n):
         s2 += a2[i] * b[i]
         s3 += a3[i] * b[i]
     return s0, s1, s2, s3
+
+
+def _dot8(a0, a1, a2, a3, a4, a5, a6, a7, b, n):
+    """Eight dot products in one pass over ``b``, as :func:`_dot4`."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    for i in range(n):
+        s0 += a0[i] * b[i]
+        s1 += a1[i] * b[i]
+        s2 += a2[i] * b[i]
+        s3 += a3[i] * b[i]
+        s4 += a4[i] * b[i]
+        s5 += a5[i] * b[i]
+        s6 += a6[i] * b[i]
+        s7 += a7[i] * b[i]
+    return s0, s1, s2, s3, s4, s5, s6, s7
 
 
 def _dot(a, b, n):
@@ -101,9 +117,15 @@ def _decode_kernel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chu
     n_blocks = w1.shape[0] // block_size
     # 1. the controller's low-rank product, h = x C1^T: (B, r), the rows of C1 shared out between threads
     h = np.empty((B, r), dtype=np.float32)
-    for j in prange(r):
+    for g in prange((r + 3) // 4):                  # four rows of C1 at a time (four memory streams)
+        j = 4 * g
         for t in range(B):
-            h[t, j] = _dot(c1[j], x[t], d)
+            if j + 4 <= r:
+                h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3] = _dot4(c1[j], c1[j + 1], c1[j + 2], c1[j + 3],
+                                                                       x[t], d)
+            else:
+                for jj in range(j, r):
+                    h[t, jj] = _dot(c1[jj], x[t], d)
     # 2-4. one contiguous range of blocks per thread, each adding into its own padded partial output
     per_chunk = (n_blocks + n_chunks - 1) // n_chunks
     stride = (d + _PAD - 1) // _PAD * _PAD + _PAD       # a partial output's row, plus one cache line apart
@@ -121,16 +143,20 @@ def _decode_kernel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chu
         for t in range(B):
             logits[t] = c2b[u0:u0 + width]
         j = 0
-        while j + 4 <= r:                           # four rows of C2^T at a time (four memory streams)
+        while j + 8 <= r:                           # eight rows of C2^T at a time (eight memory streams)
             # row views: indices from 0 let the loop use vector registers
             c0, c1_, c2_, c3 = (c2t[j, u0:u0 + width], c2t[j + 1, u0:u0 + width],
                                 c2t[j + 2, u0:u0 + width], c2t[j + 3, u0:u0 + width])
+            c4, c5, c6, c7 = (c2t[j + 4, u0:u0 + width], c2t[j + 5, u0:u0 + width],
+                              c2t[j + 6, u0:u0 + width], c2t[j + 7, u0:u0 + width])
             for t in range(B):
                 h0, h1, h2, h3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
+                h4, h5, h6, h7 = h[t, j + 4], h[t, j + 5], h[t, j + 6], h[t, j + 7]
                 scores = logits[t]
                 for i in range(width):
-                    scores[i] += (h0 * c0[i] + h1 * c1_[i]) + (h2 * c2_[i] + h3 * c3[i])
-            j += 4
+                    scores[i] += (((h0 * c0[i] + h1 * c1_[i]) + (h2 * c2_[i] + h3 * c3[i]))
+                                  + ((h4 * c4[i] + h5 * c5[i]) + (h6 * c6[i] + h7 * c7[i])))
+            j += 8
         while j < r:
             c0 = c2t[j, u0:u0 + width]
             for t in range(B):
@@ -153,9 +179,15 @@ def _decode_kernel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chu
                         k = i
                 units[q] = u0 + base + k
                 chosen[t, first + q] = u0 + base + k
-            # 3. the selected rows of W1^T, read in place, four at a time: dot products with x, then the ReLU
+            # 3. the selected rows of W1^T, read in place, eight at a time: dot products with x, then the ReLU
             xt = x[t]
             q = 0
+            while q + 8 <= nb:
+                (act[q], act[q + 1], act[q + 2], act[q + 3], act[q + 4], act[q + 5], act[q + 6],
+                 act[q + 7]) = _dot8(w1[units[q]], w1[units[q + 1]], w1[units[q + 2]], w1[units[q + 3]],
+                                     w1[units[q + 4]], w1[units[q + 5]], w1[units[q + 6]], w1[units[q + 7]],
+                                     xt, d)
+                q += 8
             while q + 4 <= nb:
                 act[q], act[q + 1], act[q + 2], act[q + 3] = _dot4(
                     w1[units[q]], w1[units[q + 1]], w1[units[q + 2]], w1[units[q + 3]], xt, d)
@@ -173,9 +205,18 @@ def _decode_kernel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chu
                         z += np.exp(scores[base + i] - best)
                     a = a / z
                 act[q] = a
-            # 4. those multiples of the units' rows of W2 into this thread's partial output, four rows at a time
+            # 4. those multiples of the units' rows of W2 into this thread's partial output, eight rows at a time
             acc = partial[c, t]
             q = 0
+            while q + 8 <= nb:
+                r0, r1, r2, r3 = w2[units[q]], w2[units[q + 1]], w2[units[q + 2]], w2[units[q + 3]]
+                r4, r5, r6, r7 = w2[units[q + 4]], w2[units[q + 5]], w2[units[q + 6]], w2[units[q + 7]]
+                a0, a1, a2, a3 = act[q], act[q + 1], act[q + 2], act[q + 3]
+                a4, a5, a6, a7 = act[q + 4], act[q + 5], act[q + 6], act[q + 7]
+                for i in range(d):
+                    acc[i] += (((a0 * r0[i] + a1 * r1[i]) + (a2 * r2[i] + a3 * r3[i]))
+                               + ((a4 * r4[i] + a5 * r5[i]) + (a6 * r6[i] + a7 * r7[i])))
+                q += 8
             while q + 4 <= nb:
                 r0, r1, r2, r3 = w2[units[q]], w2[units[q + 1]], w2[units[q + 2]], w2[units[q + 3]]
                 a0, a1, a2, a3 = act[q], act[q + 1], act[q + 2], act[q + 3]
@@ -214,6 +255,7 @@ def _renamed(fn, name):
 if numba is not None:
     _dot = njit(fastmath={"reassoc"}, cache=True)(_dot)
     _dot4 = njit(fastmath={"reassoc"}, cache=True)(_dot4)
+    _dot8 = njit(fastmath={"reassoc"}, cache=True)(_dot8)
     #: one thread: no thread pool at all (the step runs on the calling thread, so its CPU time is the step's)
     _kernel_serial = njit(fastmath=False, cache=True)(_renamed(_decode_kernel, "_decode_kernel_serial"))
     #: several threads: the ``prange`` loops are shared out
