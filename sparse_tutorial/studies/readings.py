@@ -17,8 +17,8 @@ __all__ = ["wrap", "ff_share", "batch_sweep", "batch1_prediction", "batch1_sente
            "gradient_reach", "hard_share", "sampler_check", "permutation_fit", "qkv_training",
            "design_vs_decode"]
 
-#: Printed lines are wrapped to this width, so the rendered page shows them whole.
-WIDTH = 84
+#: Printed lines are wrapped to this width: the rendered page's text column shows 77 characters of output.
+WIDTH = 76
 
 
 def wrap(*sentences: str) -> str:
