@@ -64,13 +64,14 @@ def unavailable_reason() -> str | None:
 
 
 def _dot4(a0, a1, a2, a3, b, n):
-    """The four dot products ``a_k[:n] . b[:n]`` in one pass over ``b``, in float32.
+    """The four dot products ``a_k[:n] . b[:n]`` in one pass over ``b``, float32.
 
-    Several rows at a time: the memory system fetches several streams at once where one row alone leaves it
-    waiting (measured on rows of 4096 weights, cold: 9 GB/s one row at a time, 15 GB/s four at a time; eight,
-    :func:`_dot8`, took the whole kernel about 5% further). The one place where the compiler may
-    regroup additions (Numba's ``fastmath={"reassoc"}``): each sum then runs in sixteen vector lanes, as in BLAS;
-    in the source's strict order every addition waits for the previous one (measured four times slower).
+    Several rows at a time: the memory system then fetches several streams at
+    once, where one row alone leaves it waiting (measured cold on rows of 4096
+    weights: 9 GB/s one row at a time, 15 GB/s four at a time). The one place
+    where the compiler may regroup additions (``fastmath={"reassoc"}``): each
+    sum then runs in vector lanes, as in BLAS; in the source's strict order
+    every addition waits for the previous one (measured four times slower).
     """
     s0 = s1 = s2 = s3 = np.float32(0.0)
     for i in range(n):
@@ -104,133 +105,139 @@ def _dot(a, b, n):
     return s
 
 
-def _decode_kernel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chunks, out, chosen):
-    """One decoding step of a sparse FF layer for ``B`` tokens; writes ``out`` ``(B, d)`` and ``chosen``
-    ``(B, n_blocks)`` (the flat index of every block's unit).
+def _scores(h, c2t, c2b, u0, width, logits):
+    """Step 2 for units ``u0 .. u0 + width``: ``logits = c + h C2``, for every
+    token. Eight rows of ``C2^T`` at a time, each read once for all tokens."""
+    B, r = h.shape
+    for t in range(B):
+        logits[t] = c2b[u0:u0 + width]
+    j = 0
+    while j + 8 <= r:
+        # row views: indices from 0 let the loops use vector registers
+        c0, c1, c2, c3 = (c2t[j, u0:u0 + width], c2t[j + 1, u0:u0 + width],
+                          c2t[j + 2, u0:u0 + width], c2t[j + 3, u0:u0 + width])
+        c4, c5, c6, c7 = (c2t[j + 4, u0:u0 + width], c2t[j + 5, u0:u0 + width],
+                          c2t[j + 6, u0:u0 + width], c2t[j + 7, u0:u0 + width])
+        for t in range(B):
+            h0, h1, h2, h3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
+            h4, h5, h6, h7 = h[t, j + 4], h[t, j + 5], h[t, j + 6], h[t, j + 7]
+            s = logits[t]
+            for i in range(width):
+                s[i] += (((h0 * c0[i] + h1 * c1[i]) + (h2 * c2[i] + h3 * c3[i]))
+                         + ((h4 * c4[i] + h5 * c5[i]) + (h6 * c6[i] + h7 * c7[i])))
+        j += 8
+    while j < r:
+        c0 = c2t[j, u0:u0 + width]
+        for t in range(B):
+            s = logits[t]
+            for i in range(width):
+                s[i] += h[t, j] * c0[i]
+        j += 1
 
-    ``x`` ``(B, d)``; ``c1`` ``(r, d)`` and ``c2t`` ``(r, d_ff)``, ``c2b`` ``(d_ff,)``: the controller (``C2`` stored
-    as its transpose, so step 2 streams rows of ``d_ff``); ``w1`` ``(d_ff, d)`` is ``W1^T`` and ``w2`` ``(d_ff, d)``
-    is ``W2``, one row per unit; ``b2`` ``(d,)``. The blocks are split into ``n_chunks`` ranges, one per thread.
+
+def _w1_dots(w1, units, x, act):
+    """Step 3: ``act[q] = W1^T[units[q]] . x``, the rows read in place, eight
+    at a time (then four, then one)."""
+    n, d = units.shape[0], x.shape[0]
+    q = 0
+    while q + 8 <= n:
+        u = units[q:q + 8]
+        (act[q], act[q + 1], act[q + 2], act[q + 3], act[q + 4], act[q + 5],
+         act[q + 6], act[q + 7]) = _dot8(w1[u[0]], w1[u[1]], w1[u[2]], w1[u[3]],
+                                         w1[u[4]], w1[u[5]], w1[u[6]], w1[u[7]],
+                                         x, d)
+        q += 8
+    while q + 4 <= n:
+        u = units[q:q + 4]
+        act[q], act[q + 1], act[q + 2], act[q + 3] = _dot4(
+            w1[u[0]], w1[u[1]], w1[u[2]], w1[u[3]], x, d)
+        q += 4
+    while q < n:
+        act[q] = _dot(w1[units[q]], x, d)
+        q += 1
+
+
+def _add_w2_rows(w2, units, act, acc):
+    """Step 4: ``acc += sum_q act[q] W2[units[q]]``, eight rows at a time."""
+    n, d = units.shape[0], acc.shape[0]
+    q = 0
+    while q + 8 <= n:
+        u = units[q:q + 8]
+        r0, r1, r2, r3 = w2[u[0]], w2[u[1]], w2[u[2]], w2[u[3]]
+        r4, r5, r6, r7 = w2[u[4]], w2[u[5]], w2[u[6]], w2[u[7]]
+        a0, a1, a2, a3 = act[q], act[q + 1], act[q + 2], act[q + 3]
+        a4, a5, a6, a7 = act[q + 4], act[q + 5], act[q + 6], act[q + 7]
+        for i in range(d):
+            acc[i] += (((a0 * r0[i] + a1 * r1[i]) + (a2 * r2[i] + a3 * r3[i]))
+                       + ((a4 * r4[i] + a5 * r5[i]) + (a6 * r6[i] + a7 * r7[i])))
+        q += 8
+    while q < n:
+        r0, a0 = w2[units[q]], act[q]
+        for i in range(d):
+            acc[i] += a0 * r0[i]
+        q += 1
+
+
+def _decode_kernel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob,
+                   n_chunks, out, chosen):
+    """One decoding step of a sparse FF layer for ``B`` tokens ``x`` (B, d).
+
+    Controller ``c1`` (r, d), ``c2t`` (r, d_ff) (``C2`` transposed), ``c2b``
+    (d_ff,); ``w1`` (d_ff, d) is ``W1^T`` and ``w2`` (d_ff, d) is ``W2``, one
+    row per unit; ``b2`` (d,). Writes ``out`` (B, d) and ``chosen`` (B, n_blocks),
+    the unit of every block. The blocks go in ``n_chunks`` ranges, one a thread.
     """
     B, d = x.shape
     r = c1.shape[0]
     n_blocks = w1.shape[0] // block_size
-    # 1. the controller's low-rank product, h = x C1^T: (B, r), the rows of C1 shared out between threads
+    # 1. the controller's low-rank product h = x C1^T (B, r); rows of C1 shared
+    #    out between the threads, four at a time
     h = np.empty((B, r), dtype=np.float32)
-    for g in prange((r + 3) // 4):                  # four rows of C1 at a time (four memory streams)
+    for g in prange((r + 3) // 4):
         j = 4 * g
         for t in range(B):
             if j + 4 <= r:
-                h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3] = _dot4(c1[j], c1[j + 1], c1[j + 2], c1[j + 3],
-                                                                       x[t], d)
+                h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3] = _dot4(
+                    c1[j], c1[j + 1], c1[j + 2], c1[j + 3], x[t], d)
             else:
                 for jj in range(j, r):
                     h[t, jj] = _dot(c1[jj], x[t], d)
-    # 2-4. one contiguous range of blocks per thread, each adding into its own padded partial output
+    # 2-4. one range of blocks per thread; each thread adds its W2 rows into
+    #    its own partial output, one cache line apart from the next thread's
     per_chunk = (n_blocks + n_chunks - 1) // n_chunks
-    stride = (d + _PAD - 1) // _PAD * _PAD + _PAD       # a partial output's row, plus one cache line apart
+    stride = (d + _PAD - 1) // _PAD * _PAD + _PAD
     partial = np.zeros((n_chunks, B, stride), dtype=np.float32)
     for c in prange(n_chunks):
         first = c * per_chunk
-        last = min(n_blocks, first + per_chunk)
-        if first >= last:
+        nb = min(n_blocks, first + per_chunk) - first
+        if nb <= 0:
             continue
-        nb = last - first
-        u0 = first * block_size
-        width = nb * block_size
-        # 2. the scores of this range's units, logits = c + h C2: rows of C2^T streamed once for all tokens
+        u0, width = first * block_size, nb * block_size
         logits = np.empty((B, width), dtype=np.float32)
-        for t in range(B):
-            logits[t] = c2b[u0:u0 + width]
-        j = 0
-        while j + 8 <= r:                           # eight rows of C2^T at a time (eight memory streams)
-            # row views: indices from 0 let the loop use vector registers
-            c0, c1_, c2_, c3 = (c2t[j, u0:u0 + width], c2t[j + 1, u0:u0 + width],
-                                c2t[j + 2, u0:u0 + width], c2t[j + 3, u0:u0 + width])
-            c4, c5, c6, c7 = (c2t[j + 4, u0:u0 + width], c2t[j + 5, u0:u0 + width],
-                              c2t[j + 6, u0:u0 + width], c2t[j + 7, u0:u0 + width])
-            for t in range(B):
-                h0, h1, h2, h3 = h[t, j], h[t, j + 1], h[t, j + 2], h[t, j + 3]
-                h4, h5, h6, h7 = h[t, j + 4], h[t, j + 5], h[t, j + 6], h[t, j + 7]
-                scores = logits[t]
-                for i in range(width):
-                    scores[i] += (((h0 * c0[i] + h1 * c1_[i]) + (h2 * c2_[i] + h3 * c3[i]))
-                                  + ((h4 * c4[i] + h5 * c5[i]) + (h6 * c6[i] + h7 * c7[i])))
-            j += 8
-        while j < r:
-            c0 = c2t[j, u0:u0 + width]
-            for t in range(B):
-                h0 = h[t, j]
-                scores = logits[t]
-                for i in range(width):
-                    scores[i] += h0 * c0[i]
-            j += 1
+        _scores(h, c2t, c2b, u0, width, logits)              # 2. the scores
         units = np.empty(nb, dtype=np.int64)
         act = np.empty(nb, dtype=np.float32)
         for t in range(B):
-            scores = logits[t]
-            for q in range(nb):                         # the argmax of every block (the first one on ties)
-                base = q * block_size
-                best = scores[base]
+            s = logits[t]
+            for q in range(nb):          # 2. each block's argmax (first on ties)
                 k = 0
                 for i in range(1, block_size):
-                    if scores[base + i] > best:
-                        best = scores[base + i]
+                    if s[q * block_size + i] > s[q * block_size + k]:
                         k = i
-                units[q] = u0 + base + k
-                chosen[t, first + q] = u0 + base + k
-            # 3. the selected rows of W1^T, read in place, eight at a time: dot products with x, then the ReLU
-            xt = x[t]
-            q = 0
-            while q + 8 <= nb:
-                (act[q], act[q + 1], act[q + 2], act[q + 3], act[q + 4], act[q + 5], act[q + 6],
-                 act[q + 7]) = _dot8(w1[units[q]], w1[units[q + 1]], w1[units[q + 2]], w1[units[q + 3]],
-                                     w1[units[q + 4]], w1[units[q + 5]], w1[units[q + 6]], w1[units[q + 7]],
-                                     xt, d)
-                q += 8
-            while q + 4 <= nb:
-                act[q], act[q + 1], act[q + 2], act[q + 3] = _dot4(
-                    w1[units[q]], w1[units[q + 1]], w1[units[q + 2]], w1[units[q + 3]], xt, d)
-                q += 4
-            while q < nb:
-                act[q] = _dot(w1[units[q]], xt, d)
-                q += 1
+                units[q] = u0 + q * block_size + k
+                chosen[t, first + q] = units[q]
+            _w1_dots(w1, units, x[t], act)                   # 3. W1 rows . x
             for q in range(nb):
-                a = max(act[q], np.float32(0.0))
-                if scale_by_prob:       # times p = exp(l_k) / sum_i exp(l_i) = 1 / sum_i exp(l_i - l_k)
-                    base = q * block_size
-                    best = scores[units[q] - u0]
+                a = max(act[q], np.float32(0.0))             # the ReLU
+                if scale_by_prob:        # times p_k = 1 / sum_i exp(l_i - l_k)
+                    best = s[units[q] - u0]
                     z = np.float32(0.0)
-                    for i in range(block_size):
-                        z += np.exp(scores[base + i] - best)
+                    for i in range(q * block_size, (q + 1) * block_size):
+                        z += np.exp(s[i] - best)
                     a = a / z
                 act[q] = a
-            # 4. those multiples of the units' rows of W2 into this thread's partial output, eight rows at a time
-            acc = partial[c, t]
-            q = 0
-            while q + 8 <= nb:
-                r0, r1, r2, r3 = w2[units[q]], w2[units[q + 1]], w2[units[q + 2]], w2[units[q + 3]]
-                r4, r5, r6, r7 = w2[units[q + 4]], w2[units[q + 5]], w2[units[q + 6]], w2[units[q + 7]]
-                a0, a1, a2, a3 = act[q], act[q + 1], act[q + 2], act[q + 3]
-                a4, a5, a6, a7 = act[q + 4], act[q + 5], act[q + 6], act[q + 7]
-                for i in range(d):
-                    acc[i] += (((a0 * r0[i] + a1 * r1[i]) + (a2 * r2[i] + a3 * r3[i]))
-                               + ((a4 * r4[i] + a5 * r5[i]) + (a6 * r6[i] + a7 * r7[i])))
-                q += 8
-            while q + 4 <= nb:
-                r0, r1, r2, r3 = w2[units[q]], w2[units[q + 1]], w2[units[q + 2]], w2[units[q + 3]]
-                a0, a1, a2, a3 = act[q], act[q + 1], act[q + 2], act[q + 3]
-                for i in range(d):
-                    acc[i] += (a0 * r0[i] + a1 * r1[i]) + (a2 * r2[i] + a3 * r3[i])
-                q += 4
-            while q < nb:
-                r0 = w2[units[q]]
-                a0 = act[q]
-                for i in range(d):
-                    acc[i] += a0 * r0[i]
-                q += 1
-    # the partial outputs summed, plus the bias
-    for t in range(B):
+            _add_w2_rows(w2, units, act, partial[c, t, :d])  # 4. act x W2 rows
+    for t in range(B):                   # the partial outputs summed, plus b2
         for i in range(d):
             s = b2[i]
             for c in range(n_chunks):
@@ -239,8 +246,7 @@ def _decode_kernel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chu
 
 
 #: the functions chapter 5 prints with ``inspect.getsource``
-KERNEL_SOURCE_FUNCTIONS = (_decode_kernel, _dot4)
-
+KERNEL_SOURCE_FUNCTIONS = (_decode_kernel, _add_w2_rows)
 
 
 def _renamed(fn, name):
@@ -256,6 +262,9 @@ if numba is not None:
     _dot = njit(fastmath={"reassoc"}, cache=True)(_dot)
     _dot4 = njit(fastmath={"reassoc"}, cache=True)(_dot4)
     _dot8 = njit(fastmath={"reassoc"}, cache=True)(_dot8)
+    _scores = njit(fastmath=False, cache=True)(_scores)
+    _w1_dots = njit(fastmath=False, cache=True)(_w1_dots)
+    _add_w2_rows = njit(fastmath=False, cache=True)(_add_w2_rows)
     #: one thread: no thread pool at all (the step runs on the calling thread, so its CPU time is the step's)
     _kernel_serial = njit(fastmath=False, cache=True)(_renamed(_decode_kernel, "_decode_kernel_serial"))
     #: several threads: the ``prange`` loops are shared out
