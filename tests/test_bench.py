@@ -265,3 +265,28 @@ def test_functions_time_both_paths_in_one_run():
         bench.ff_layer(32, 64, 8, repeats=1, paths=["fused", "fused"])
     with pytest.raises(ValueError, match="path must be one of"):
         bench.block_decode("tiny", paths=["gpu"])
+
+
+def test_path_tables_put_the_paths_side_by_side(monkeypatch):
+    from sparse_tutorial.layers import sparse_ff_kernel
+
+    if not sparse_ff_kernel.available():
+        pytest.skip("numba is not installed")
+    assert bench.available_paths() == ["fused", "pytorch"]
+    sweep = bench.ff_sweep([32], block_size=8, repeats=1, paths=["fused", "pytorch"], progress=False)
+    table = bench.ff_path_table(sweep, gbps=10.0)
+    assert list(table.columns) == ["d_model", "dense ms", "fused µs", "fused x", "pytorch µs", "pytorch x",
+                                   "limit x", "bytes µs"]
+    assert table["fused µs"].iloc[0] == pytest.approx(sweep["fused s"].iloc[0] * 1e6)
+    block = bench.block_decode("tiny", cache_len=4, repeats=1, progress=False, paths=["fused", "pytorch"])
+    t = bench.block_path_table(block)
+    assert list(t.index) == list(bench.BLOCK_VARIANTS)
+    assert list(t.columns) == ["fused ms", "fused x", "pytorch ms", "pytorch x", "paper x"]
+    assert t.loc["dense", "fused ms"] == t.loc["dense", "pytorch ms"]          # one time, shown under both
+    fused = block[(block["variant"] == "sparse FF") & (block["path"] == "fused")]["ms per token"].iloc[0]
+    assert t.loc["sparse FF", "fused ms"] == fused
+    main = bench.main_rows(block)
+    assert list(main["variant"]) == list(bench.BLOCK_VARIANTS)
+    assert set(main["path"].dropna()) == {"fused"}
+    monkeypatch.setattr(sparse_ff_kernel, "numba", None)
+    assert bench.available_paths() == ["pytorch"]

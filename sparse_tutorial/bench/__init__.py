@@ -36,12 +36,15 @@ block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the g
 chapter's goals), :mod:`.paths` (the sparse FF's decode paths); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
+from .block import main_rows
+from .block import path_table as block_path_table
 from .cli import main
 from .ff import ff_layer, ff_rows, ff_sweep
+from .ff import path_table as ff_path_table
 from .harness import DEFAULT_CSV_DIR, clock, clock_name, interleaved, num_threads, write_csv
 from .int8 import quant_bench
 from .machine import bandwidth
-from .paths import PATHS, best_path
+from .paths import PATHS, available_paths, best_path
 from .targets import target_table
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_bench, model_config
@@ -51,5 +54,5 @@ __all__ = [
     "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "ff_rows", "block_config", "block_decode",
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
-    "write_csv", "target_table", "main", "PATHS", "best_path",
+    "write_csv", "target_table", "main", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
 ]

@@ -13,7 +13,8 @@ from ..model import Block, ModelConfig
 from .harness import check_choice, free_memory, interleaved, machine_columns, positive
 from .paths import check_paths, sparse_ff_layers, use_path
 
-__all__ = ["BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "paper_speedup", "block_config", "block_decode"]
+__all__ = ["BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "paper_speedup", "block_config", "block_decode",
+           "main_rows", "path_table"]
 
 
 #: The paper's decode benchmark shapes (plus a tiny one for tests). ``d_ff_qkv``: the wider FF the paper uses
@@ -181,3 +182,28 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
                "timing": mode, "cache_len": cache_len}
         rows.append({**row, **machine_columns()})
     return pd.DataFrame(rows)
+
+
+def main_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a table with a ``path`` column that were timed on its first path (or on none): one row per
+    variant, the table the functions give by default."""
+    first = df["path"].dropna()
+    keep = df["path"].isna() | (df["path"] == (first.iloc[0] if len(first) else None))
+    return df[keep].reset_index(drop=True)
+
+
+def path_table(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`block_decode`'s rows as a narrow table: one row per variant, ms per token and speed-up over dense
+    (``x``) for every path timed (a variant without a sparse FF has one time, shown under every path), and the
+    paper's speed-up."""
+    paths = list(dict.fromkeys(df["path"].dropna()))
+    out = []
+    for v, part in df.groupby("variant", sort=False):
+        row = {"variant": v}
+        for p in paths:
+            hit = part[part["path"] == p] if part["path"].notna().any() else part
+            row[f"{p} ms"] = float(hit["ms per token"].iloc[0])
+            row[f"{p} x"] = float(hit["speed-up"].iloc[0])
+        row["paper x"] = float(part["paper speed-up"].iloc[0])
+        out.append(row)
+    return pd.DataFrame(out).set_index("variant")

@@ -14,7 +14,7 @@ from ..measure.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
 from .harness import free_memory, interleaved, machine_columns, positive
 from .paths import check_paths
 
-__all__ = ["ff_layer", "ff_sweep", "ff_rows"]
+__all__ = ["ff_layer", "ff_sweep", "ff_rows", "path_table"]
 
 
 def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = None, *, batch: int = 1,
@@ -27,8 +27,8 @@ def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = N
     (:func:`sparse_tutorial.measure.costs.bytes_limit_ratio`): the speed-up a bandwidth-bound layer could reach.
 
     ``paths``: the decode paths timed (:mod:`.paths`; default the best available), all in the same round-robin.
-    ``sparse s``, ``speed-up`` and ``share of limit`` are the first path's (named in ``path``); with several,
-    every path also gets ``<path> s`` and ``<path> speed-up``.
+    ``sparse s``, ``speed-up`` and ``share of limit`` are the first path's (named in ``path``); every path timed
+    also gets ``<path> s`` and ``<path> speed-up``.
     """
     paths = check_paths(paths)
     for name, v in (("d_model", d_model), ("d_ff", d_ff), ("block_size", block_size), ("batch", batch),
@@ -62,11 +62,25 @@ def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = N
            "limit ratio": limit, "share of limit": speedup / limit,
            "dense MB": dense_ff_cost(d_model, d_ff).bytes() / 1e6,
            "sparse MB": sparse_ff_cost(d_model, d_ff, block_size, sparse.d_lowrank).bytes() / 1e6}
-    if len(paths) > 1:
-        for p in paths:
-            row[f"{p} s"] = t[p]
-            row[f"{p} speed-up"] = t["dense"] / t[p]
+    for p in paths:
+        row[f"{p} s"] = t[p]
+        row[f"{p} speed-up"] = t["dense"] / t[p]
     return {**row, **machine_columns()}
+
+
+def path_table(df: pd.DataFrame, gbps: float | None = None) -> pd.DataFrame:
+    """:func:`ff_sweep`'s (or :func:`ff_layer`'s) rows as a narrow table, one column group per decode path timed:
+    µs per token and speed-up over dense (``x``); then the bytes limit and, with the measured bandwidth
+    ``gbps`` (GB/s), the µs the sparse layer's bytes need at that speed (what is left is fixed cost)."""
+    paths = [c[:-2] for c in df.columns if c.endswith(" s") and c not in ("dense s", "sparse s")]
+    out = pd.DataFrame({"d_model": df["d_model"], "dense ms": df["dense s"] * 1e3})
+    for p in paths:
+        out[f"{p} µs"] = df[f"{p} s"] * 1e6
+        out[f"{p} x"] = df[f"{p} speed-up"]
+    out["limit x"] = df["limit ratio"]
+    if gbps:
+        out["bytes µs"] = df["sparse MB"] / gbps * 1e3
+    return out
 
 
 def ff_sweep(widths: Sequence[int], *, ff_ratio: int = 4, block_size: int = 64,

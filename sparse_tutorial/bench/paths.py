@@ -13,7 +13,7 @@ from torch import nn
 from ..layers import sparse_ff_kernel
 from ..layers.sparse_ff import SparseFF
 
-__all__ = ["PATHS", "best_path", "check_paths", "sparse_ff_layers", "use_path"]
+__all__ = ["PATHS", "best_path", "available_paths", "check_paths", "sparse_ff_layers", "use_path"]
 
 #: the paths a benchmark can time
 PATHS = ("pytorch", "fused")
@@ -22,6 +22,12 @@ PATHS = ("pytorch", "fused")
 def best_path() -> str:
     """``"fused"`` where the kernel can run (Numba installed), else ``"pytorch"``."""
     return "fused" if sparse_ff_kernel.available() else "pytorch"
+
+
+def available_paths() -> list[str]:
+    """Every path that can run here, the best first (``["fused", "pytorch"]`` with Numba, else ``["pytorch"]``)."""
+    best = best_path()
+    return [best] + [p for p in PATHS if p != best and (p != "fused" or sparse_ff_kernel.available())]
 
 
 def check_paths(paths: Sequence[str] | str | None) -> list[str]:
