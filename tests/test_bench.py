@@ -34,6 +34,8 @@ TINY = {
     "train": ["train", "--d-model", "32", "--n-layers", "1", "--batch-size", "2", "--context-length", "8"],
     "quant": ["quant", "--d-model", "64", "--n-layers", "1"],
 }
+#: ``threads`` times its own thread counts, so it is left out of the tests above that expect one thread
+THREADS_TINY = ["threads", "--counts", "1", "2", "--ff", "32", "64", "8", "4", "--shape", "tiny"]
 COLUMNS = {
     "bandwidth": {"measure", "GB/s"},
     "ff": {"d_model", "dense s", "sparse s", "speed-up", "limit ratio", "share of limit"},
@@ -290,3 +292,22 @@ def test_path_tables_put_the_paths_side_by_side(monkeypatch):
     assert set(main["path"].dropna()) == {"fused"}
     monkeypatch.setattr(sparse_ff_kernel, "numba", None)
     assert bench.available_paths() == ["pytorch"]
+
+
+def test_threads_puts_thread_counts_side_by_side_on_wall_time(capsys, tmp_path):
+    """One row per (measure, variant, path, thread count); every row on wall time, the thread count its own
+    (the command's --threads does not apply); quartiles around the median; ratios against the first count."""
+    out = run_json(capsys, tmp_path, *THREADS_TINY, "--path", "pytorch")
+    rows = pd.DataFrame(out["rows"])
+    assert {"measure", "variant", "path", "threads", "median ms", "q1 ms", "q3 ms", "spread %", "speed-up",
+            "vs 1 thread"} <= set(rows.columns)
+    assert set(rows["clock"]) == {"wall time"}
+    assert sorted(rows["threads"].unique()) == [1, 2]
+    assert (rows.groupby("threads").size() == 6).all()      # FF dense + sparse, block's four variants
+    assert ((rows["q1 ms"] <= rows["median ms"]) & (rows["median ms"] <= rows["q3 ms"])).all()
+    first = rows[rows["threads"] == 1]
+    assert (first["vs 1 thread"] == 1.0).all()
+    assert (rows[rows["variant"] == "dense"]["speed-up"] == 1.0).all()
+    assert set(rows["path"].dropna()) == {"pytorch"}
+    verdicts = bench.threads_verdicts(rows)
+    assert len(verdicts) == 6 and all("against" in v for v in verdicts)

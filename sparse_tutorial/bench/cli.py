@@ -19,6 +19,7 @@ from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
 from .int8 import quant_bench
 from .machine import bandwidth
 from .paths import PATHS, check_paths
+from .threads import threads_compare
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, all_variants, crossover, generate_bench
 
@@ -71,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="chapter 5's variants by default; every registered FF kind is one too, e.g. 'moe FF'")
     s.add_argument("--sparse-decode-max-rows", type=int, default=None)
 
+    s = sub.add_parser("threads", parents=[common, path],
+                       help="1 thread against 2 (wall time, median and quartiles): FF layer and block")
+    s.add_argument("--counts", type=int, nargs="+", default=[1, 2], help="thread counts to compare")
+    s.add_argument("--ff", type=int, nargs=4, default=[4096, 16384, 64, 128],
+                   metavar=("D_MODEL", "D_FF", "N", "D_LOWRANK"), help="the FF layer timed")
+    s.add_argument("--shape", default="800m", choices=sorted(BLOCK_SHAPES), help="the block timed")
+
     s = sub.add_parser("crossover", parents=[common], help="decode vs dense-masked sparse FF, by batch size")
     s.add_argument("--batch-sizes", type=int, nargs="+", default=pick(default=[1, 4, 16, 64, 128, 256],
                                                                        fast=[1, 16, 64]))
@@ -112,6 +120,9 @@ def _run(args) -> pd.DataFrame:
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, variants=args.variants,
                               sparse_decode_max_rows=args.sparse_decode_max_rows, repeats=args.repeats,
                               progress=False, paths=args.paths)
+    if c == "threads":
+        return threads_compare(args.counts, ff_shape=args.ff, block_shape=args.shape, repeats=args.repeats,
+                               paths=args.paths)
     if c == "crossover":
         return crossover(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers, repeats=args.repeats,
                          progress=False)

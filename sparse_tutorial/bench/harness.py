@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..measure.timing import last_level_cache_bytes, machine_info
 
-__all__ = ["DEFAULT_CSV_DIR", "num_threads", "clock", "clock_name", "interleaved", "write_csv", "positive",
+__all__ = ["DEFAULT_CSV_DIR", "num_threads", "clock", "clock_name", "wall_clock", "recording", "interleaved",
+           "write_csv", "positive",
            "check_counts", "check_choice", "machine_columns", "free_memory"]
 
 DEFAULT_CSV_DIR = Path("_build") / "bench"
@@ -43,12 +44,41 @@ def num_threads(n: int | None):
         torch.set_num_threads(old)
 
 
+_FORCED_WALL = []       # non-empty inside wall_clock()
+_RECORDERS: list[dict] = []
+
+
+@contextmanager
+def wall_clock():
+    """Time with wall time whatever the thread count (to compare one thread with several on one clock)."""
+    _FORCED_WALL.append(True)
+    try:
+        yield
+    finally:
+        _FORCED_WALL.pop()
+
+
+@contextmanager
+def recording():
+    """Collect every sample :func:`interleaved` takes in the body: ``{name: [seconds, ...]}`` (for spreads)."""
+    rec: dict = {}
+    _RECORDERS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDERS.remove(rec)
+
+
 def clock() -> Callable[[], float]:
     """The timer of every measurement: thread CPU time with one torch thread, else wall time (see above)."""
+    if _FORCED_WALL:
+        return time.perf_counter
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def clock_name() -> str:
+    if _FORCED_WALL:
+        return "wall time"
     return "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
 
 
@@ -97,6 +127,8 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: i
                 t0 = now()
                 fn()
                 samples[name].append(now() - t0)
+    for rec in _RECORDERS:
+        rec.update(samples)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
