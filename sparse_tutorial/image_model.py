@@ -38,6 +38,8 @@ class ImageConfig:
     block_size: int = 50           # units per block: 400 / 50 = 8 active units (1/50 of the FF)
     d_lowrank: int | None = None   # controller rank; None -> d_ff // block_size
     controller: str = "lowrank"
+    hard_prob: float = 0.3         # share of training calls with the hard mask (SparseFF's hard_prob)
+    scale_by_prob: bool = False    # SparseFF's scale_by_prob (the reference's multiply_by_controller_output)
 
     def __post_init__(self):
         for name in ("d_in", "d_model", "d_ff", "n_classes", "block_size"):
@@ -64,7 +66,8 @@ class ImageNet(nn.Module):
         if cfg.ff == "dense":
             self.ff = DenseFF(cfg.d_model, cfg.d_ff)
         else:
-            self.ff = SparseFF(cfg.d_model, cfg.d_ff, cfg.block_size, cfg.d_lowrank, controller=cfg.controller)
+            self.ff = SparseFF(cfg.d_model, cfg.d_ff, cfg.block_size, cfg.d_lowrank, controller=cfg.controller,
+                               hard_prob=cfg.hard_prob, scale_by_prob=cfg.scale_by_prob)
         self.out = nn.Linear(cfg.d_model, cfg.n_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -146,3 +146,58 @@ def test_active_units_table_picks_the_always_hard_levers_and_their_block_sizes()
     assert gap.smallest_meeting(part, "N")["lever"] == "N 4, always hard"
     assert gap.smallest_meeting(part, "N", target=3.0)["lever"] == "N 8, always hard"
     assert gap.smallest_meeting(part, "N", target=1.0) is None
+
+
+# -- the image network's study -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def blob_images(monkeypatch):
+    from test_image_model import blobs
+    monkeypatch.setattr(gap, "image_tensors", lambda *a, **k: blobs(300))
+
+
+def test_image_study_writes_provenance_and_rows_then_resumes(blob_images, tmp_path, capsys):
+    out = tmp_path / "image.csv"
+    table = gap.main(["image", "--levers", "dense", "sparse", "N 25", "--epochs", "1", "--seeds", "0",
+                      "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# command: python -m sparse_tutorial.studies image --levers dense sparse 'N 25'")
+    assert "# machine: " in text and "# date: " in text and "# version: sparse_tutorial" in text
+    rows, header = gap.read_study(out, gap.IMAGE_KEY)
+    assert rows.lever.tolist() == ["dense", "sparse", "N 25"] and rows.block_size.tolist() == [50, 50, 25]
+    assert table.set_index("lever").loc["dense", "gap (points)"] == 0
+    before = out.read_text()
+    gap.main(["image", "--levers", "dense", "sparse", "--epochs", "1", "--seeds", "0", "--out", str(out)])
+    assert out.read_text() == before                                  # nothing new: the file is untouched
+    gap.main(["image", "--levers", "dense", "--epochs", "1", "--seeds", "0", "1", "--out", str(out)])
+    assert gap.read_study(out, gap.IMAGE_KEY)[0].seed.tolist() == [0, 0, 0, 1]
+
+
+def test_image_gap_table_compares_each_seed_with_its_own_dense_run():
+    rows = pd.DataFrame([dict(lever="dense", seed=0, epochs=8, test_acc=0.80),
+                         dict(lever="dense", seed=1, epochs=8, test_acc=0.90),
+                         dict(lever="sparse", seed=0, epochs=8, test_acc=0.79),
+                         dict(lever="sparse", seed=1, epochs=8, test_acc=0.87)])
+    t = gap.image_gap_table(rows).set_index("lever")
+    assert t.loc["sparse", "gap (points)"] == pytest.approx(-2.0)      # mean of -1 and -3, not 83 - 85
+    assert t.loc["sparse", "spread (points)"] == pytest.approx(8.0)
+    assert t.loc["sparse", "test acc %"] == pytest.approx(83.0)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["image", "--levers", "magic"], "unknown image lever(s) ['magic']"),
+    (["image", "--epochs", "0"], "epochs=0"),
+    (["image", "--seeds", "-1"], "seeds=[-1]"),
+])
+def test_image_study_bad_arguments_are_named(argv, needle, capsys, tmp_path, blob_images):
+    with pytest.raises(SystemExit):
+        gap.main(argv + ["--out", str(tmp_path / "x.csv")])
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_image_config_passes_the_selection_options_to_the_layer():
+    from sparse_tutorial.image_model import ImageConfig, ImageNet
+    ff = ImageNet(ImageConfig(ff="sparse", hard_prob=1.0, scale_by_prob=True)).ff
+    assert ff.hard_prob == 1.0 and ff.scale_by_prob

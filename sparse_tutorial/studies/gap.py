@@ -11,6 +11,7 @@ Run it from the command line (the grids are listed by ``--help``)::
     python -m sparse_tutorial.studies quality --grid levers --steps 400 --seeds 0 1 2
     python -m sparse_tutorial.studies quality --grid steps --steps 500 1500 3000
     python -m sparse_tutorial.studies quality --grid width --steps 1500
+    python -m sparse_tutorial.studies image --epochs 8 --seeds 0 1 2       # the image network (accuracy)
 
 The chapter reads the committed CSV with :func:`read_study` and turns it into the gap table with :func:`gap_table`.
 """
@@ -32,13 +33,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..config import pick
 from ..data import load_tiny_shakespeare
+from ..image_model import ImageConfig, ImageNet, image_tensors, train_image_model
 from ..measure.timing import machine_summary
 from ..model import TransformerLM, book_config
 from ..train import book_train_config, train_lm
 
 __all__ = ["Lever", "LEVERS", "GRIDS", "STUDY_CSV", "grid_runs", "run_study", "read_study", "gap_table",
-           "active_units_table", "smallest_meeting", "provenance_caption", "plot_levers", "plot_gap_against", "main"]
+           "active_units_table", "smallest_meeting", "provenance_caption", "plot_levers", "plot_gap_against",
+           "IMAGE_LEVERS", "IMAGE_CSV", "run_image_study", "image_gap_table", "main"]
 
 #: The study the book plots: ``results/quality_gap.csv`` at the root of the book's repository.
 STUDY_CSV = Path(__file__).resolve().parents[2] / "results" / "quality_gap.csv"
@@ -114,22 +118,27 @@ def _provenance(argv: list[str] | None) -> list[str]:
             f"torch threads: {torch.get_num_threads()}"]
 
 
-def read_study(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+def read_study(path: str | os.PathLike, key: tuple[str, ...] = KEY,
+               kind: str = "a quality-study") -> tuple[pd.DataFrame, list[str]]:
     """The study's rows and its ``#`` provenance lines (empty frame and list when the file does not exist)."""
     path = Path(path)
     if not path.is_file():
-        return pd.DataFrame(columns=list(KEY)), []
+        return pd.DataFrame(columns=list(key)), []
     lines = path.read_text(encoding="utf-8").splitlines()
     header = [line[1:].strip() for line in lines if line.startswith("#")]
     try:
         rows = pd.read_csv(path, comment="#")
     except pd.errors.EmptyDataError:
-        rows = pd.DataFrame(columns=list(KEY))
-    missing = [c for c in KEY if c not in rows.columns]
+        rows = pd.DataFrame(columns=list(key))
+    missing = [c for c in key if c not in rows.columns]
     if missing:
-        raise ValueError(f"{path} is not a quality-study CSV (columns {missing} are missing); move it away or "
+        raise ValueError(f"{path} is not {kind} CSV (columns {missing} are missing); move it away or "
                          f"pass another --out")
     return rows, header
+
+
+def _read_csv(path: Path, key: tuple[str, ...], kind: str) -> pd.DataFrame:
+    return read_study(path, key, kind)[0]
 
 
 def _append(path: Path, row: dict, header: list[str]) -> None:
@@ -271,6 +280,80 @@ def plot_gap_against(table: pd.DataFrame, x: str, *, ax=None, xlabel: str | None
     return ax
 
 
+# --------------------------------------------------------------------------------------------------
+# The image network's study (chapter 3, experiment 1): test accuracy instead of loss
+# --------------------------------------------------------------------------------------------------
+
+#: The image study the book reads: ``results/image_gap.csv``.
+IMAGE_CSV = STUDY_CSV.with_name("image_gap.csv")
+
+#: Levers of the image network: overrides of :class:`~sparse_tutorial.image_model.ImageConfig`.
+IMAGE_LEVERS: dict[str, Lever] = {lever.name: lever for lever in [
+    Lever("dense", ff="dense"),
+    Lever("sparse"),
+    Lever("always hard", model=dict(hard_prob=1.0)),
+    Lever("scale by prob", model=dict(scale_by_prob=True)),
+    Lever("N 25", model=dict(block_size=25)),
+    Lever("N 20", model=dict(block_size=20)),
+    Lever("N 10", model=dict(block_size=10)),
+]}
+
+IMAGE_KEY = ("lever", "seed", "epochs")
+
+
+def run_image_study(epochs: int, seeds: list[int], out: str | os.PathLike, *, levers: list[str] | None = None,
+                    dataset: str = "fashion-mnist", argv: list[str] | None = None,
+                    progress: bool = True) -> pd.DataFrame:
+    """Train the image network of chapter 3 for every (lever, seed) not yet in ``out``; append each as it ends.
+
+    Same batches (batch 128), optimizer (Adam, lr 1e-3) and seed for every lever. Fast mode trains on subsets.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got epochs={epochs!r}")
+    if not seeds or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds):
+        raise ValueError(f"seeds must be a non-empty list of non-negative integers, got seeds={seeds!r}")
+    names = levers or list(IMAGE_LEVERS)
+    unknown = [n for n in names if n not in IMAGE_LEVERS]
+    if unknown:
+        raise ValueError(f"unknown image lever(s) {unknown}; choose from {list(IMAGE_LEVERS)}")
+    out = Path(out)
+    done = _read_csv(out, IMAGE_KEY, "an image-study")
+    have = {tuple(str(v) for v in r) for r in done[list(IMAGE_KEY)].itertuples(index=False)}
+    todo = [(IMAGE_LEVERS[n], seed) for seed in seeds for n in names if (n, str(seed), str(epochs)) not in have]
+    header = _provenance(argv)
+    machine = header[1].removeprefix("machine: ")
+    data = image_tensors(dataset, train_subset=pick(default=None, fast=2000), test_subset=pick(default=None, fast=500))
+    for lever, seed in tqdm(todo, desc="image study", disable=not progress):
+        torch.manual_seed(seed)
+        model = ImageNet(ImageConfig(ff=lever.ff, **lever.model))
+        t0 = time.perf_counter()
+        hist = train_image_model(model, data, epochs=epochs, batch_size=128, lr=1e-3, seed=seed, progress=False)
+        last = hist.iloc[-1]
+        _append(out, dict(lever=lever.name, seed=seed, epochs=epochs, dataset=dataset, ff=lever.ff,
+                          block_size=model.cfg.block_size, params=model.num_params(),
+                          overrides=repr(lever.model), train_acc=round(float(last.train_acc), 5),
+                          test_acc=round(float(last.test_acc), 5),
+                          minutes=round((time.perf_counter() - t0) / 60, 2), machine=machine,
+                          date=_dt.date.today().isoformat()), header)
+    return _read_csv(out, IMAGE_KEY, "an image-study")
+
+
+def image_gap_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (lever, epochs): mean test accuracy (%), its spread over seeds (points), and the gap in points to
+    the dense network of the same seed, averaged over seeds (negative: the lever is less accurate)."""
+    cols = ["lever", "epochs", "seeds", "test acc %", "spread (points)", "gap (points)"]
+    if rows.empty:
+        return pd.DataFrame(columns=cols)
+    dense = rows[rows.lever == "dense"].set_index(["seed", "epochs"]).test_acc
+    out = []
+    for (lever, n), group in rows.groupby(["lever", "epochs"], sort=False):
+        gaps = [100 * (r.test_acc - dense[(r.seed, n)]) for r in group.itertuples() if (r.seed, n) in dense.index]
+        out.append({"lever": lever, "epochs": n, "seeds": len(group), "test acc %": round(100 * group.test_acc.mean(), 2),
+                    "spread (points)": round(100 * (group.test_acc.max() - group.test_acc.min()), 2),
+                    "gap (points)": round(sum(gaps) / len(gaps), 2) if gaps else math.nan})
+    return pd.DataFrame(out, columns=cols)
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(prog="python -m sparse_tutorial.studies",
                                      description="Chapter 3's quality study: train a grid of dense and sparse "
@@ -284,7 +367,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     q.add_argument("--steps", nargs="+", type=int, default=None, help="training steps (default: the book's)")
     q.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
     q.add_argument("--out", default="results/quality_gap.csv", help="the CSV to append to (default: %(default)s)")
+    im = sub.add_parser("image", help="the image network's accuracy gap (chapter 3, experiment 1)")
+    im.add_argument("--levers", nargs="+", default=None, help=f"levers (default: all): {list(IMAGE_LEVERS)}")
+    im.add_argument("--epochs", type=int, default=8, help="epochs (default: %(default)s, the chapter's)")
+    im.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    im.add_argument("--out", default="results/image_gap.csv", help="the CSV to append to (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.study == "image":
+        try:
+            rows = run_image_study(args.epochs, args.seeds, args.out, levers=args.levers, argv=argv)
+        except ValueError as err:
+            parser.error(str(err))
+        table = image_gap_table(rows)
+        print(table.to_string(index=False))
+        return table
     steps = args.steps or [book_train_config().steps]
     try:
         rows = run_study(args.grid, steps, args.seeds, args.out, levers=args.levers, argv=argv)
