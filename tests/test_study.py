@@ -178,11 +178,12 @@ def test_image_gap_table_compares_each_seed_with_its_own_dense_run():
     rows = pd.DataFrame([dict(lever="dense", seed=0, epochs=8, test_acc=0.80),
                          dict(lever="dense", seed=1, epochs=8, test_acc=0.90),
                          dict(lever="sparse", seed=0, epochs=8, test_acc=0.79),
-                         dict(lever="sparse", seed=1, epochs=8, test_acc=0.87)])
+                         dict(lever="sparse", seed=1, epochs=8, test_acc=0.87),
+                         dict(lever="sparse", seed=2, epochs=8, test_acc=0.50)])   # no dense twin: no gap
     t = gap.image_gap_table(rows).set_index("lever")
-    assert t.loc["sparse", "gap (points)"] == pytest.approx(-2.0)      # mean of -1 and -3, not 83 - 85
-    assert t.loc["sparse", "spread (points)"] == pytest.approx(8.0)
-    assert t.loc["sparse", "test acc %"] == pytest.approx(83.0)
+    assert t.loc["sparse", "gap (points)"] == pytest.approx(-2.0)      # mean of -1 and -3 (seeds 0 and 1)
+    assert t.loc["sparse", "spread (points)"] == pytest.approx(37.0)
+    assert t.loc["sparse", "test acc %"] == pytest.approx(72.0)
 
 
 @pytest.mark.parametrize("argv,needle", [
