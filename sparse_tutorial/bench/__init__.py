@@ -47,7 +47,7 @@ from .int8 import quant_bench
 from .machine import bandwidth
 from .paths import PATHS, available_paths, best_path
 from .targets import target_table
-from .threads import threads_compare, threads_verdicts
+from .threads import threads_compare, threads_table, threads_verdicts
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_bench, model_config
 
@@ -56,5 +56,5 @@ __all__ = [
     "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "ff_rows", "block_config", "block_decode",
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
-    "write_csv", "target_table", "main", "threads_compare", "threads_verdicts", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
+    "write_csv", "target_table", "main", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
 ]

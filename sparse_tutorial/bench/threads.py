@@ -16,7 +16,7 @@ from .ff import ff_layer
 from .harness import clock_name, machine_columns, num_threads, positive, recording, wall_clock
 from .paths import check_paths
 
-__all__ = ["threads_compare", "threads_verdicts"]
+__all__ = ["threads_compare", "threads_verdicts", "threads_table"]
 
 
 def _quartiles(samples: list[float]) -> tuple[float, float, float]:
@@ -89,3 +89,14 @@ def threads_verdicts(df: pd.DataFrame) -> list[str]:
                    f"{other['median ms']:.3g} ms with {int(other['threads'])}"
                    + ("" if apart else " (the quartile ranges overlap: not told apart)") + ".")
     return out
+
+
+def threads_table(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`threads_compare`'s rows as a narrow table: one row per measurement, variant and path, the median
+    (ms) and the spread (quartile range, % of the median) for every thread count side by side."""
+    d = df.assign(path=df["path"].fillna("-"))
+    out = d.pivot_table(index=["measure", "variant", "path"], columns="threads",
+                        values=["median ms", "spread %"], sort=False)
+    out.columns = [f"{n} thr {'ms' if v == 'median ms' else 'spread %'}" for v, n in out.columns]
+    order = [f"{n} thr {k}" for n in sorted(df["threads"].unique()) for k in ("ms", "spread %")]
+    return out[order]
