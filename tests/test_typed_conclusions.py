@@ -7,7 +7,7 @@ The scan reads the prose the reader sees, every markdown cell of every notebook 
 1. **Typed verdicts.** :data:`VERDICTS` are the assertive phrasings a typed conclusion takes ("is slower than",
    "not cheaper to train", "the saving grows with the width", "within run-to-run noise", "exactly the 169,152").
    A cell's printed sentence may say these; prose may not, unless the sentence predicts, asks or sets a target
-   (:data:`HEDGED`: "should", "whether", "if", "target", a question).
+   (:data:`HEDGED`: "should", "can", "whether", "if", "target", a question).
 2. **Measured numbers.** A number with a unit of time, bandwidth or throughput, or a speed-up ("1.9x"), in prose
    must be attributed in the same sentence (to the paper, an earlier project, the reference code, a citation): a
    number this book measured belongs in a cell's output.
@@ -47,7 +47,7 @@ MEASURED = re.compile(r"\b\d[\d,]*(\.\d+)?\s?(ms|µs|us|GB/s|GFLOP/s|s per step|
                       r"|\b\d+(\.\d+)?x\b(?! ?\d)", re.IGNORECASE)
 #: A clause that predicts, asks, sets a target or states a condition states no result (looked for in the 60
 #: characters before a verdict, and a question mark ending the sentence).
-HEDGED = re.compile(r"\b(should|would|could|might|may|whether|if|target|goal|predict\w*|expect\w*)\b|\?$",
+HEDGED = re.compile(r"\b(should|would|could|can|cannot|might|may|whether|if|target|goal|predict\w*|expect\w*)\b|\?$",
                     re.IGNORECASE)
 #: Words that attribute a number to another source in the same sentence.
 ATTRIBUTED = re.compile(r"paper|report|reference|earlier|seed project|trax|\{cite\}|issue|target|goal",
@@ -138,6 +138,7 @@ def test_a_planted_typed_conclusion_is_found(planted):
     "The printout above says whether the sparse model was faster than dense in this run.",
     "The chapter's target: at batch 1, every sparse kind should decode faster than dense.",
     "Where does each approach the bytes limit of chapter 1?",
+    "The deciding number is the machine's streaming bandwidth, which no implementation can beat.",
     "```python\nprint('sparse is 3x faster than dense')\n```",
 ])
 def test_predictions_attributions_and_code_pass(fine):
