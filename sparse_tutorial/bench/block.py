@@ -174,7 +174,8 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
     rows = []
     for (v, path), seconds in times.items():
         cfg = block_config(shape, v)
-        row = {"shape": shape, "variant": v, "path": path, "step path": taken.get((v, path)), "d_ff": cfg.d_ff, "params (M)": params[v] / 1e6,
+        row = {"shape": shape, "variant": v, "path": path, "step path": taken.get((v, path)), "d_ff": cfg.d_ff,
+               "params (M)": params[v] / 1e6,
                "ms per token": seconds * 1e3,
                "speed-up": base / seconds if base else float("nan"),
                "paper ms": paper.get(v, float("nan")),

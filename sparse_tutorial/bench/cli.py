@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                                "{:.4g}".format):
             print(f"{args.command}: {machine['cpu']}, {machine['logical cores']} logical cores, torch "
                   f"{machine['torch']} with {machine['torch threads']} threads, timed by {machine['clock']} "
-                  f"({elapsed:.1f} s)" + (f", sparse FF decode path: {' and '.join(args.paths)}" if hasattr(args, "paths") else ""))
+                  f"({elapsed:.1f} s)"
+                  + (f", sparse FF decode path: {' and '.join(args.paths)}" if hasattr(args, "paths") else ""))
             print(shown.to_string(index=False))
             if csv:
                 print(f"written: {csv}")

@@ -355,9 +355,9 @@ class SparseFF(FeedForward):
 
         Kept between calls (outside the module, so copies and pickles of the layer carry none) and made again
         when a weight is replaced, moved, converted or changed in place (its address, dtype or version changes;
-        a view needs nothing new then, but a weight stored in another layout is copied for the kernel). The weights are read from
-        the modules' own dictionaries: ``nn.Module`` attribute look-ups cost about a microsecond each, and this
-        runs once per layer and token.
+        a view needs nothing new then, but a weight stored in another layout is copied for the kernel). The
+        weights are read from the modules' own dictionaries: ``nn.Module`` attribute look-ups cost about a
+        microsecond each, and this runs once per layer and token.
         """
         ctrl = self._modules["controller"]
         c1 = ctrl._modules.get("c1") if type(ctrl) is LowRankController else None
@@ -405,9 +405,9 @@ class SparseFF(FeedForward):
         then takes it; ``"fused"`` raises a ValueError that says why); otherwise ``"pytorch"``, the code below.
         :attr:`last_decode_path` records which one ran.
 
-        The PyTorch path, the readable reference, is written for speed at batch 1, where every call pays a fixed cost per PyTorch operation: one token
-        takes eleven matrix-vector and indexing calls (no ``nn.Linear`` wrappers, in-place where possible).
-        Up to ``block_size`` tokens both matrices are gathered; beyond, the first layer is one dense product
+        The PyTorch path, the readable reference, is written for speed at batch 1, where every call pays a
+        fixed cost per PyTorch operation: one token takes eleven matrix-vector and indexing calls (no
+        ``nn.Linear`` wrappers, in-place where possible). Up to ``block_size`` tokens both matrices are gathered; beyond, the first layer is one dense product
         and only ``W2`` is gathered (chapter 5 measures both against the dense-masked :meth:`forward`).
         """
         if x.dim() < 1 or x.shape[-1] != self.d_model or x.dtype != self.w1.dtype:

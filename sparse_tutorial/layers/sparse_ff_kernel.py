@@ -16,9 +16,9 @@ eleven PyTorch calls per token, and copies the selected rows of ``W1^T`` into a 
 The kernel is plain Python that Numba compiles to machine code the first time it runs (``cache=True`` keeps the
 compiled code on disk for the next process). It is compiled with ``fastmath=False``: no approximate functions,
 no assumptions about infinities or NaN, every sum in the order the source states, except inside the dot
-products (:func:`_dot4` and its kin), whose additions the compiler may regroup into vector lanes, as BLAS does. The result
-differs from PyTorch's only by rounding. Only float32 on the CPU is compiled;
-:class:`SparseFF` falls back to its PyTorch ``decode`` for anything else, and when Numba is not installed.
+products (:func:`_dot4` and its kin), whose additions the compiler may regroup into vector lanes, as BLAS
+does. The result differs from PyTorch's only by rounding. Only float32 on the CPU is compiled; :class:`SparseFF`
+falls back to its PyTorch ``decode`` for anything else, and when Numba is not installed.
 
 No unit is skipped when its ReLU is zero: the kernel reads the ``W2`` row of every selected unit, as the bytes
 that chapter 5's limit counts. (Skipping them would make the benchmark's random weights, where about half the
