@@ -218,14 +218,15 @@ def gap_table(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def active_units_table(table: pd.DataFrame, *, block_size: int = 32, d_ff: int = 512) -> pd.DataFrame:
+def active_units_table(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     """The "always hard" levers of the lever grid at every block size: rows of ``table`` (a :func:`gap_table`)
-    named ``always hard`` (the book's ``N = block_size``) or ``N <n>, always hard``, with columns ``N`` and
-    ``active units`` (``d_ff / N``) added, sorted by ``N``."""
-    names = table["lever"].str.extract(r"^(?:N (\d+), )?always hard$")[0]
+    named ``always hard`` or ``N <n>, always hard``, with ``N`` and ``active units`` (``d_ff / N``) taken from the
+    study's own ``rows`` (its ``block_size`` and ``d_ff`` columns), sorted by ``N``."""
     keep = (table["grid"] == "levers") & table["lever"].str.fullmatch(r"(N \d+, )?always hard")
-    part = table[keep].assign(N=names[keep].fillna(block_size).astype(int))
-    return part.assign(**{"active units": d_ff // part["N"]}).sort_values(["steps", "N"]).reset_index(drop=True)
+    sizes = rows[rows["grid"] == "levers"].drop_duplicates("lever").set_index("lever")[["block_size", "d_ff"]]
+    part = table[keep].join(sizes, on="lever")
+    part = part.assign(N=part["block_size"].astype(int), **{"active units": (part["d_ff"] // part["block_size"])})
+    return part.drop(columns=["block_size", "d_ff"]).sort_values(["steps", "N"]).reset_index(drop=True)
 
 
 def smallest_meeting(table: pd.DataFrame, column: str, *, target: float = 2.0) -> pd.Series | None:

@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 
 from .plots import COLORS
 
-__all__ = ["plot_curves", "Target", "target_table", "sample_text", "samples_figure"]
+__all__ = ["plot_curves", "Target", "target_table", "sample_text", "samples_figure", "run_summary",
+           "missed_target_remedies"]
 
 
 def plot_curves(histories: dict[str, pd.DataFrame], x: str, ys: list[str], *, ax=None, xlabel: str | None = None,
@@ -93,3 +94,36 @@ def samples_figure(texts: dict[str, str], *, title: str = "", width: int = 60) -
         ax.axis("off")
     fig.suptitle(title)
     return fig
+
+
+def run_summary(models: dict, runs: dict[str, pd.DataFrame], active: dict[str, int], *,
+                metrics: dict[str, str], seconds: tuple[str, str]) -> pd.DataFrame:
+    """One row per model: parameters, active FF units, the last value of each history column in ``metrics``
+    (``column -> label``), and the median of ``seconds = (column, label)``."""
+    col, label = seconds
+    return pd.DataFrame.from_dict(orient="index", data={
+        name: {"parameters": models[name].num_params(), "active FF units": active[name],
+               **{lab: run[c].iloc[-1] for c, lab in metrics.items()}, label: run[col].median()}
+        for name, run in runs.items()})
+
+
+def missed_target_remedies(val: dict, acc: dict, step_ratio: float, *, block_size: int,
+                           d_model: int) -> dict[int, str]:
+    """What chapter 3 prints under each missed target (0: LM loss, 1: image accuracy, 2: step time),
+    from the run's numbers: the gap, and the levers "Closing the gap" measures."""
+    return {
+        0: (f"The sparse model's validation loss is {val['sparse']:.4f} against {val['dense']:.4f} "
+            f"({val['sparse'] / val['dense'] - 1:+.1%}). The earlier PyTorch project also found that its "
+            f"sparse model needed more steps; train longer (book_train_config(steps=...)) or give each token "
+            f"more units with a smaller block size (book_config('sparse', ff_block_size={block_size // 2})). "
+            f"The next section, 'Closing the gap', measures these levers and others one at a time."),
+        1: (f"The sparse image network reaches {acc['sparse']:.2%} against {acc['dense']:.2%}. In this network "
+            f"every image must pass through the units its controller picks (there is no residual path around "
+            f"the FF layer, unlike in a Transformer block). 'The image network' below reads a recorded study "
+            f"of the levers: smaller blocks, scaling by the probability, the hard-mask share."),
+        2: (f"A sparse training step takes {step_ratio:.2f}x a dense one. Training computes the dense layer "
+            f"plus the controller, a softmax over all units and the mask multiply, full-size passes over "
+            f"(tokens x d_ff) numbers; at d_model = {d_model} these passes are a large share of the FF layer's "
+            f"time (their share falls as d_model grows). The saving of sparse FF is at inference, on the "
+            f"decode path (chapter 5)."),
+    }
