@@ -288,3 +288,13 @@ def test_the_kernel_sees_replaced_and_converted_weights():
         torch.testing.assert_close(layer.decode(x), layer.decode(x, path="pytorch"), **TOL)  # copy is made again
         layer.double()                                              # converted: the kernel no longer applies
         check_fallback(layer, x.double(), "float32")
+
+
+def test_a_layer_built_under_inference_mode_takes_the_fused_path():
+    """Weights made under inference mode keep no version counter: the layer still decodes by the kernel."""
+    with torch.inference_mode():
+        layer = make_layer(16, 4, 4, 3)
+        x = torch.randn(2, 16)
+        got = layer.decode(x)
+        assert layer.last_decode_path == "fused"
+        torch.testing.assert_close(got, layer.decode(x, path="pytorch"), **TOL)

@@ -99,6 +99,11 @@ DECODE_PATHS = ("auto", "pytorch", "fused")
 _FUSED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _version(t: torch.Tensor) -> int:
+    """``t``'s in-place version counter; -1 for a tensor made under ``torch.inference_mode`` (it keeps none)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _kernel_module():
     """The fused kernel's module, imported on first use (it imports Numba, about half a second)."""
     from . import sparse_ff_kernel
@@ -365,7 +370,7 @@ class SparseFF(FeedForward):
         low_rank = type(c1) is nn.Linear and type(c2) is nn.Linear
         weights = ((c1._parameters["weight"], c2._parameters["weight"], c2._parameters["bias"],
                     self._parameters["w1"], self._parameters["w2"], self._parameters["b2"]) if low_rank else ())
-        key = (low_rank,) + tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
+        key = (low_rank,) + tuple((w.data_ptr(), w.dtype, _version(w)) for w in weights)
         cached = _FUSED_WEIGHTS.get(self)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
