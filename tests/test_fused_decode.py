@@ -298,3 +298,22 @@ def test_a_layer_built_under_inference_mode_takes_the_fused_path():
         got = layer.decode(x)
         assert layer.last_decode_path == "fused"
         torch.testing.assert_close(got, layer.decode(x, path="pytorch"), **TOL)
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_and_says_why(monkeypatch):
+    """A machine whose compiler fails on the kernel: the layer decodes by PyTorch, and says why."""
+    import numba
+
+    def broken(*args):
+        raise numba.core.errors.TypingError("planted compile failure")
+
+    monkeypatch.setattr(kernel, "_COMPILE_ERROR", [])              # this process's record, restored after
+    monkeypatch.setattr(kernel, "_kernel_serial", broken)
+    layer = make_layer(16, 4, 4, 3)
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        got = layer.decode(x)
+        assert layer.last_decode_path == "pytorch"
+        torch.testing.assert_close(got, layer.decode(x, path="pytorch"), **TOL)
+        assert not kernel.available() and "did not compile" in kernel.unavailable_reason()
+        check_fallback(layer, x, "did not compile here (TypingError")

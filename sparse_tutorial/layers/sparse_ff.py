@@ -425,7 +425,10 @@ class SparseFF(FeedForward):
         if path != "pytorch":
             why_not, weights = self._fused_check(x)
             if why_not is None:
-                return self._fused_decode(x, weights)
+                try:
+                    return self._fused_decode(x, weights)
+                except _kernel_module().KernelUnavailable as e:   # it failed to compile on this machine
+                    why_not = str(e)
             if path == "fused":
                 raise ValueError(f"path='fused' does not apply to this call: {why_not}")
         self.__dict__["last_decode_path"] = "pytorch"

@@ -37,7 +37,7 @@ try:                                        # optional: without Numba the layer 
 except ImportError:                         # pragma: no cover - exercised by monkeypatching in the tests
     numba = None
 
-__all__ = ["available", "unavailable_reason", "prepare", "run", "fused_decode", "kernel_threads",
+__all__ = ["available", "unavailable_reason", "KernelUnavailable", "prepare", "run", "fused_decode", "kernel_threads",
            "PARALLEL_MIN_BYTES", "KERNEL_SOURCE_FUNCTIONS"]
 
 #: below this many bytes of weights read per token the kernel runs on one thread whatever the thread count:
@@ -48,14 +48,24 @@ PARALLEL_MIN_BYTES = 1 << 20
 _PAD = 16
 
 
+#: why the kernel failed to compile in this process (then :func:`available` is False), or None
+_COMPILE_ERROR: list[str] = []
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot run here (no Numba, or it failed to compile); the caller falls back to PyTorch."""
+
+
 def available() -> bool:
-    """Whether the fused kernel can run here (Numba importable)."""
-    return numba is not None
+    """Whether the fused kernel can run here (Numba importable, and no failed compilation in this process)."""
+    return numba is not None and not _COMPILE_ERROR
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False, or None."""
-    return None if numba is not None else "numba is not installed (pip install numba)"
+    if numba is None:
+        return "numba is not installed (pip install numba)"
+    return _COMPILE_ERROR[0] if _COMPILE_ERROR else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,8 +319,8 @@ def run(x: np.ndarray, weights: tuple, block_size: int, scale_by_prob: bool = Fa
     ``threads`` defaults to torch's thread count (:func:`kernel_threads`); ``chunks`` splits the blocks into
     that many ranges instead of one per thread (the tests' uneven splits).
     """
-    if numba is None:
-        raise RuntimeError(unavailable_reason())
+    if not available():
+        raise KernelUnavailable(unavailable_reason())
     c1, c2t, c2b, w1, w2, b2 = weights
     B, d = x.shape
     d_ff, r = w1.shape[0], c1.shape[0]
@@ -319,18 +329,28 @@ def run(x: np.ndarray, weights: tuple, block_size: int, scale_by_prob: bool = Fa
     out = np.empty((B, d), dtype=np.float32)
     chosen = np.empty((B, n_blocks), dtype=np.int64)
     n_chunks = n if chunks is None else chunks
+    try:
+        _call(n, (x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chunks, out, chosen))
+    except numba.core.errors.NumbaError as e:    # a compiler that fails on this machine: say so, fall back
+        first_line = (str(e).splitlines() or [""])[0]
+        _COMPILE_ERROR.append(f"the kernel did not compile here ({type(e).__name__}: {first_line})")
+        raise KernelUnavailable(_COMPILE_ERROR[0]) from e
+    return out, chosen
+
+
+def _call(n: int, args: tuple) -> None:
+    """Run the one-thread kernel (``n == 1``) or the threaded one on ``n`` threads."""
     if n == 1:
-        _kernel_serial(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chunks, out, chosen)
+        _kernel_serial(*args)
     else:
         torch_threads = torch.get_num_threads()
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
-        _kernel_parallel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chunks, out, chosen)
+        _kernel_parallel(*args)
         if torch.get_num_threads() != torch_threads:
             # Numba's OpenMP pool, started by its first threaded call, sets the OpenMP thread count of the
             # process, which is also PyTorch's: put PyTorch's back
             torch.set_num_threads(torch_threads)
-    return out, chosen
 
 
 def fused_decode(x: torch.Tensor, c1: torch.Tensor, c2t: torch.Tensor, c2b: torch.Tensor, w1: torch.Tensor,
