@@ -33,6 +33,7 @@ TINY = {
     "crossover": ["crossover", "--d-model", "64", "--n-layers", "1", "--batch-sizes", "1", "3"],
     "train": ["train", "--d-model", "32", "--n-layers", "1", "--batch-size", "2", "--context-length", "8"],
     "quant": ["quant", "--d-model", "64", "--n-layers", "1"],
+    "parts": ["parts", "--shape", "tiny", "--cache-len", "4"],
 }
 #: ``threads`` times its own thread counts, so it is left out of the tests above that expect one thread
 THREADS_TINY = ["threads", "--counts", "1", "2", "--ff", "32", "64", "8", "4", "--shape", "tiny"]
@@ -44,8 +45,11 @@ COLUMNS = {
     "crossover": {"batch", "dense ms", "sparse decode ms", "sparse masked ms", "decode / masked"},
     "train": {"dense s per step", "sparse s per step", "sparse / dense"},
     "quant": {"variant", "decode ms per step", "decode speed-up (dense / variant)"},
+    "parts": {"variant", "part", "µs", "MB", "GB/s", "share"},
 }
-ROWS = {"bandwidth": 2, "ff": 2, "block": 4, "generate": 6, "crossover": 2, "train": 1, "quant": 4}
+ROWS = {"bandwidth": 2, "ff": 2, "block": 4, "generate": 6, "crossover": 2, "train": 1, "quant": 4,
+        # four variants' parts, and the fused kernel's row in each of the two sparse FF variants
+        "parts": 4 + 6 + 4 + 6 + 2 * bench.best_path().count("fused")}
 
 
 @pytest.mark.parametrize("command", sorted(TINY))
@@ -311,3 +315,22 @@ def test_threads_puts_thread_counts_side_by_side_on_wall_time(capsys, tmp_path):
     assert set(rows["path"].dropna()) == {"pytorch"}
     verdicts = bench.threads_verdicts(rows)
     assert len(verdicts) == 6 and all("against" in v for v in verdicts)
+
+
+def test_parts_break_each_variant_into_its_parts_with_their_bytes(capsys, tmp_path):
+    from sparse_tutorial.layers import sparse_ff_kernel
+
+    rows = pd.DataFrame(run_json(capsys, tmp_path, *TINY["parts"])["rows"])
+    by = {v: list(p["part"]) for v, p in rows.groupby("variant", sort=False)}
+    fused = ["sparse FF, fused (all three)"] if sparse_ff_kernel.available() else []
+    assert by["dense"] == ["QKV projection", "output projection", "attention over the cache", "dense FF"]
+    assert by["sparse FF + QKV"] == ["multiplicative layer", "convolution", "attention over the cache",
+                                     "controller", "W1 rows", "W2 rows", *fused]
+    for v, part in rows.groupby("variant"):
+        share = part["share"].dropna()
+        assert share.sum() == pytest.approx(1.0)                    # the parts of a variant add up
+    cfg = bench.block_config("tiny", "sparse FF")
+    w1 = rows[(rows["variant"] == "sparse FF") & (rows["part"] == "W1 rows")]["MB"].iloc[0]
+    assert w1 == pytest.approx(cfg.d_ff // cfg.ff_block_size * cfg.d_model * 4 / 1e6)   # one row a block
+    assert (rows["GB/s"] == rows["MB"] / 1e3 / (rows["µs"] / 1e6)).all() or \
+        rows["GB/s"].round(6).equals((rows["MB"] / 1e3 / (rows["µs"] / 1e6)).round(6))

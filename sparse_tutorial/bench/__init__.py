@@ -7,6 +7,7 @@
     python -m sparse_tutorial.bench generate --batch-sizes 1 8 64
     python -m sparse_tutorial.bench crossover                                  # where the gather path stops paying
     python -m sparse_tutorial.bench threads                                    # 1 thread against 2, with spreads
+    python -m sparse_tutorial.bench parts --shape 17b                          # one block, part by part
     python -m sparse_tutorial.bench train
     python -m sparse_tutorial.bench quant
 
@@ -34,7 +35,7 @@ Method, the same everywhere:
 Modules, by what they measure: :mod:`.machine` (bandwidth), :mod:`.ff` (one FF layer), :mod:`.block` (one
 block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the gather/masked crossover),
 :mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.targets` (the
-chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
+chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side), :mod:`.parts` (one block part by part); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
 from .block import main_rows
@@ -47,6 +48,7 @@ from .int8 import quant_bench
 from .machine import bandwidth
 from .paths import PATHS, available_paths, best_path
 from .targets import target_table
+from .parts import block_parts
 from .threads import threads_compare, threads_table, threads_verdicts
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_bench, model_config
@@ -56,5 +58,5 @@ __all__ = [
     "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "ff_rows", "block_config", "block_decode",
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
-    "write_csv", "target_table", "main", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
+    "write_csv", "target_table", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
 ]

@@ -19,6 +19,7 @@ from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
 from .int8 import quant_bench
 from .machine import bandwidth
 from .paths import PATHS, check_paths
+from .parts import block_parts
 from .threads import threads_compare
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, all_variants, crossover, generate_bench
@@ -79,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
                    metavar=("D_MODEL", "D_FF", "N", "D_LOWRANK"), help="the FF layer timed")
     s.add_argument("--shape", default="800m", choices=sorted(BLOCK_SHAPES), help="the block timed")
 
+    s = sub.add_parser("parts", parents=[common],
+                       help="one block's decoding step part by part: time, bytes and GB/s of each")
+    s.add_argument("--shape", default="800m", choices=sorted(BLOCK_SHAPES))
+    s.add_argument("--variants", nargs="+", default=list(BLOCK_VARIANTS), choices=list(BLOCK_VARIANTS))
+    s.add_argument("--cache-len", type=int, default=128)
+
     s = sub.add_parser("crossover", parents=[common], help="decode vs dense-masked sparse FF, by batch size")
     s.add_argument("--batch-sizes", type=int, nargs="+", default=pick(default=[1, 4, 16, 64, 128, 256],
                                                                        fast=[1, 16, 64]))
@@ -120,6 +127,8 @@ def _run(args) -> pd.DataFrame:
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, variants=args.variants,
                               sparse_decode_max_rows=args.sparse_decode_max_rows, repeats=args.repeats,
                               progress=False, paths=args.paths)
+    if c == "parts":
+        return block_parts(args.shape, args.variants, cache_len=args.cache_len, repeats=args.repeats)
     if c == "threads":
         return threads_compare(args.counts, ff_shape=args.ff, block_shape=args.shape, repeats=args.repeats,
                                paths=args.paths)
