@@ -139,11 +139,12 @@ def test_active_units_table_picks_the_always_hard_levers_and_their_block_sizes()
         dict(grid="levers", lever="scale by prob, always hard", steps=10, **{"gap %": 1.0}),
         dict(grid="blocks", lever="N 16, always hard", steps=10, **{"gap %": 1.0}),
     ])
-    rows = pd.DataFrame([dict(grid="levers", lever=lever, block_size=n, d_ff=512)
-                         for lever, n in [("dense", 32), ("always hard", 32), ("N 4, always hard", 4),
-                                          ("N 8, always hard", 8), ("N 8", 8),
-                                          ("scale by prob, always hard", 32)]])
+    rows = pd.DataFrame([dict(grid="levers", lever=lever, block_size=n, d_ff=512, params=p)
+                         for lever, n, p in [("dense", 32, 1000), ("always hard", 32, 1050),
+                                             ("N 4, always hard", 4, 1400), ("N 8, always hard", 8, 1200),
+                                             ("N 8", 8, 1200), ("scale by prob, always hard", 32, 1050)]])
     part = gap.active_units_table(table, rows)
+    assert part["params / dense"].tolist() == [1.4, 1.2, 1.05]
     assert part["lever"].tolist() == ["N 4, always hard", "N 8, always hard", "always hard"]
     assert part["N"].tolist() == [4, 8, 32]
     assert part["active units"].tolist() == [128, 64, 16]

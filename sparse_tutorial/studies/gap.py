@@ -221,12 +221,17 @@ def gap_table(rows: pd.DataFrame) -> pd.DataFrame:
 def active_units_table(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     """The "always hard" levers of the lever grid at every block size: rows of ``table`` (a :func:`gap_table`)
     named ``always hard`` or ``N <n>, always hard``, with ``N`` and ``active units`` (``d_ff / N``) taken from the
-    study's own ``rows`` (its ``block_size`` and ``d_ff`` columns), sorted by ``N``."""
+    study's own ``rows`` (its ``block_size`` and ``d_ff`` columns), sorted by ``N``. ``params / dense`` is the
+    model's parameter count over the dense model's: the controller scores every unit, and its rank ``d_ff / N``
+    grows as ``N`` shrinks, so small blocks buy quality with parameters."""
     keep = (table["grid"] == "levers") & table["lever"].str.fullmatch(r"(N \d+, )?always hard")
-    sizes = rows[rows["grid"] == "levers"].drop_duplicates("lever").set_index("lever")[["block_size", "d_ff"]]
+    levers = rows[rows["grid"] == "levers"].drop_duplicates("lever").set_index("lever")
+    sizes = levers[["block_size", "d_ff", "params"]]
     part = table[keep].join(sizes, on="lever")
-    part = part.assign(N=part["block_size"].astype(int), **{"active units": (part["d_ff"] // part["block_size"])})
-    return part.drop(columns=["block_size", "d_ff"]).sort_values(["steps", "N"]).reset_index(drop=True)
+    dense = levers["params"].get("dense", math.nan)
+    part = part.assign(N=part["block_size"].astype(int), **{"active units": (part["d_ff"] // part["block_size"]),
+                                                           "params / dense": (part["params"] / dense).round(3)})
+    return part.drop(columns=["block_size", "d_ff", "params"]).sort_values(["steps", "N"]).reset_index(drop=True)
 
 
 def smallest_meeting(table: pd.DataFrame, column: str, *, target: float = 2.0) -> pd.Series | None:
