@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["slider_figure", "figure_png", "SLIDER_CLASS", "MAX_FRAMES"]
+__all__ = ["slider_figure", "linked_slider", "figure_png", "SLIDER_CLASS", "MAX_FRAMES"]
 
 #: CSS class of every slider figure's outer box (the book's browser test looks for it).
 SLIDER_CLASS = "sparse-slider-figure"
@@ -59,6 +59,20 @@ def _draw_png(draw: Callable[[object], Figure], v, name: str, dpi: int) -> bytes
             raise ValueError(f"draw({v!r}) for slider {name!r} must return a matplotlib Figure, "
                              f"got {type(fig).__name__}")
     return figure_png(fig, dpi=dpi)
+
+
+def linked_slider(children: list, labels: list[str], values: list, value, description: str):
+    """A ``SelectionSlider`` over ``values`` and a ``Stack`` of ``children``, linked in the browser (``jslink``:
+    the slider's index picks the stack's child, with or without a kernel). Returns ``(slider, stack)``."""
+    import ipywidgets as widgets
+
+    slider = widgets.SelectionSlider(options=list(zip(labels, values)), value=value,
+                                     description=description, continuous_update=True,
+                                     style={"description_width": "initial"},
+                                     layout=widgets.Layout(width="60%", min_width="18em"))
+    stack = widgets.Stack(children=children, selected_index=values.index(value))
+    widgets.jslink((slider, "index"), (stack, "selected_index"))
+    return slider, stack
 
 
 def slider_figure(draw: Callable[[object], Figure], name: str, values: Sequence,
@@ -110,13 +124,7 @@ def slider_figure(draw: Callable[[object], Figure], name: str, values: Sequence,
 
     images = [widgets.Image(value=_draw_png(draw, v, name, dpi), format="png",
                             layout=widgets.Layout(max_width="100%", height="auto")) for v in values]
-    slider = widgets.SelectionSlider(options=list(zip(labels, values)), value=value,
-                                     description=description or name, continuous_update=True,
-                                     style={"description_width": "initial"},
-                                     layout=widgets.Layout(width="60%", min_width="18em"))
-    stack = widgets.Stack(children=images, selected_index=values.index(value))
-    # In the browser, with or without a kernel: the slider's index picks the stack's child.
-    widgets.jslink((slider, "index"), (stack, "selected_index"))
+    slider, stack = linked_slider(images, labels, values, value, description or name)
 
     # With a kernel only (no Python runs on the static page): redraw the chosen frame from the current state.
     pending: list = []

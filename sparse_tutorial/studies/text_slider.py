@@ -17,7 +17,7 @@ from __future__ import annotations
 import html
 from typing import Sequence
 
-from .interactive import MAX_FRAMES
+from .interactive import MAX_FRAMES, linked_slider
 
 __all__ = ["slider_text", "TEXT_SLIDER_CLASS"]
 
@@ -56,12 +56,7 @@ def slider_text(texts: Sequence[str], name: str, values: Sequence, value=None,
 
     pages = [widgets.HTML(f"<pre class='sparse-slider-sample' style='{_PRE_STYLE}'>{html.escape(t)}</pre>")
              for t in texts]
-    slider = widgets.SelectionSlider(options=list(zip(labels, values)), value=value,
-                                     description=description or name, continuous_update=True,
-                                     style={"description_width": "initial"},
-                                     layout=widgets.Layout(width="60%", min_width="18em"))
-    stack = widgets.Stack(children=pages, selected_index=values.index(value))
-    widgets.jslink((slider, "index"), (stack, "selected_index"))
+    slider, stack = linked_slider(pages, labels, values, value, description or name)
     box = widgets.VBox([slider, stack])
     box.add_class(TEXT_SLIDER_CLASS)
     return box
