@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import config as run_config
 from ._checks import real_number
 from .data import TextData
+from .measure.timing import spread
 from .model import ModelConfig, TransformerLM
 
 __all__ = ["TrainConfig", "hard_prob_at", "book_train_config", "seed_train_config", "estimate_loss", "train_lm",
@@ -174,7 +175,8 @@ def compare_step_times(configs: dict[str, ModelConfig], data: TextData, tc: Trai
     """Median seconds of one training step (forward, backward, AdamW) of fresh models, interleaved.
 
     Every round runs one step of each model on the same batch, so a slow spell of a shared machine hurts
-    all of them alike; the table has ``seconds per step`` and the ratio to the first config.
+    all of them alike; the table has ``seconds per step``, its spread over the steps (``IQR / median``,
+    :func:`~sparse_tutorial.measure.timing.spread`) and the ratio to the first config.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got steps={steps!r}")
@@ -204,6 +206,7 @@ def compare_step_times(configs: dict[str, ModelConfig], data: TextData, tc: Trai
     med = {name: statistics.median(s) for name, s in samples.items()}
     first = next(iter(med.values()))
     return pd.DataFrame({"model": list(med), "seconds per step": list(med.values()),
+                         "IQR / median": [spread(s) for s in samples.values()],
                          "ratio to " + next(iter(med)): [m / first for m in med.values()]})
 
 

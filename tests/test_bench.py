@@ -149,6 +149,51 @@ def test_block_config_follows_the_paper():
     assert bench.block_config("800m", "sparse QKV").d_ff == 6144
 
 
+def test_spread_is_the_interquartile_range_over_the_median_in_every_timing_table(monkeypatch):
+    from sparse_tutorial.measure import timing
+    assert timing.spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)
+    assert timing.spread([2.0]) == 0.0
+    with pytest.raises(ValueError, match="samples"):
+        timing.spread([])
+    # the tables take their spread from the samples the harness recorded: 1, 2, 3, ... seconds per call
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(bench.harness, "clock", lambda: lambda: float(next(ticks)) ** 2)
+    row = bench.ff_layer(32, 64, 8, repeats=5, warmup=0, paths=["pytorch"], cold_cache=False)
+    assert row["max IQR / median"] > 0.0
+    block = bench.block_decode("tiny", ["dense"], cache_len=4, repeats=5, warmup=0, progress=False)
+    assert block["IQR / median"].iloc[0] > 0.0
+    assert bench.block_path_table(block)["IQR"].iloc[0] == block["IQR / median"].iloc[0]
+
+
+def test_block_bytes_count_every_weight_of_dense_and_one_row_per_block_of_sparse():
+    from sparse_tutorial.model import Block
+    d, d_ff, n, cache = 1024, 4096, 64, 128
+    dense = bench.block_bytes("800m", "dense", cache_len=cache)
+    params = sum(p.numel() for p in Block(bench.block_config("800m", "dense")).parameters())
+    kv = 2 * (cache + 1) * d
+    assert dense["total"] == pytest.approx(4 * (params + kv) / 1e6)
+    assert dense["FF"] == pytest.approx(4 * (2 * d * d_ff + d_ff + d) / 1e6)
+    assert dense["KV cache"] == pytest.approx(4 * kv / 1e6)
+    sparse = bench.block_bytes("800m", "sparse FF", cache_len=cache)
+    assert sparse["FF"] == pytest.approx(4 * (2 * d * d_ff / n + d) / 1e6)          # 1/N of W1 and W2, plus b2
+    rank = d_ff // n
+    assert sparse["controller"] == pytest.approx(4 * (d * rank + rank * d_ff + d_ff) / 1e6)
+    assert sparse["attention"] == dense["attention"]
+    assert bench.block_bytes("17b", "sparse FF + QKV")["total"] < 50      # meta device: no 5 GB allocated
+    with pytest.raises(ValueError, match="cache_len"):
+        bench.block_bytes("800m", "dense", cache_len=0)
+
+
+def test_bytes_table_puts_the_bytes_limit_beside_the_measured_speed_up():
+    df = pd.DataFrame([{"shape": "800m", "variant": v, "path": None, "cache_len": 128,
+                        "speed-up": s} for v, s in zip(bench.BLOCK_VARIANTS, [1.0, 2.0, 1.0, 3.0])])
+    t = bench.block_bytes_table(df)
+    total = {v: bench.block_bytes("800m", v)["total"] for v in bench.BLOCK_VARIANTS}
+    assert t.loc["sparse FF + QKV", "bytes x"] == pytest.approx(total["dense"] / total["sparse FF + QKV"])
+    assert t.loc["sparse FF", "share of bytes limit"] == pytest.approx(
+        2.0 * total["sparse FF"] / total["dense"])
+
+
 def test_num_threads_restores_the_setting():
     before = torch.get_num_threads()
     with bench.num_threads(1):
@@ -282,12 +327,12 @@ def test_path_tables_put_the_paths_side_by_side(monkeypatch):
     sweep = bench.ff_sweep([32], block_size=8, repeats=1, paths=["fused", "pytorch"], progress=False)
     table = bench.ff_path_table(sweep, gbps=10.0)
     assert list(table.columns) == ["d_model", "dense ms", "fused µs", "fused x", "pytorch µs", "pytorch x",
-                                   "limit x", "bytes µs"]
+                                   "limit x", "bytes µs", "IQR"]
     assert table["fused µs"].iloc[0] == pytest.approx(sweep["fused s"].iloc[0] * 1e6)
     block = bench.block_decode("tiny", cache_len=4, repeats=1, progress=False, paths=["fused", "pytorch"])
     t = bench.block_path_table(block)
     assert list(t.index) == list(bench.BLOCK_VARIANTS)
-    assert list(t.columns) == ["fused ms", "fused x", "pytorch ms", "pytorch x", "paper x"]
+    assert list(t.columns) == ["fused ms", "fused x", "pytorch ms", "pytorch x", "paper x", "IQR"]
     assert t.loc["dense", "fused ms"] == t.loc["dense", "pytorch ms"]          # one time, shown under both
     fused = block[(block["variant"] == "sparse FF") & (block["path"] == "fused")]["ms per token"].iloc[0]
     assert t.loc["sparse FF", "fused ms"] == fused

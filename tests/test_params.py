@@ -102,6 +102,7 @@ def test_batch_sweep_columns():
     assert (df["n_layers"] == 1).all()
     assert df["FLOP/byte"].tolist() == [ff_intensity(8, 16, 1), ff_intensity(8, 16, 4)]
     assert (df["µs per token"] > 0).all()
+    assert (df["IQR / median"] == 0).all()          # one repeat: no spread
     big = dense_ff_batch_sweep(8, 16, [1], repeats=1, warmup=0, min_weight_bytes=10 * ff_bytes(8, 16, 1)["weights"],
                                progress=False)
     assert big["n_layers"].iloc[0] == 10

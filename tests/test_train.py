@@ -63,8 +63,9 @@ def test_train_config_refuses_bad_values():
 def test_compare_step_times_table():
     data = toy_data()
     cfgs = {"dense": tiny("dense", len(data.vocab)), "sparse": tiny("sparse", len(data.vocab))}
-    table = compare_step_times(cfgs, data, TrainConfig(batch_size=4), steps=2, warmup=1, progress=False)
+    table = compare_step_times(cfgs, data, TrainConfig(batch_size=4), steps=3, warmup=1, progress=False)
     assert isinstance(table, pd.DataFrame)
+    assert (table["IQR / median"] >= 0).all() and table["IQR / median"].notna().all()
     assert table["model"].tolist() == ["dense", "sparse"]
     assert (table["seconds per step"] > 0).all()
     assert table["ratio to dense"].iloc[0] == 1.0

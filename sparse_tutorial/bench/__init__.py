@@ -38,7 +38,8 @@ block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the g
 chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side), :mod:`.parts` (one block part by part); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
-from .block import main_rows
+from .block import block_bytes, bytes_verdicts, main_rows
+from .block import bytes_table as block_bytes_table
 from .block import path_table as block_path_table
 from .cli import main
 from .ff import ff_layer, ff_rows, ff_sweep
@@ -59,4 +60,5 @@ __all__ = [
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
     "write_csv", "target_table", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
+    "block_bytes", "block_bytes_table", "bytes_verdicts",
 ]

@@ -10,11 +10,13 @@ from tqdm.auto import tqdm
 from ..config import pick
 from ..layers.attention import LayerCache
 from ..model import Block, ModelConfig
-from .harness import check_choice, free_memory, interleaved, machine_columns, positive
+from ..measure.timing import spread
+from .harness import check_choice, free_memory, interleaved, machine_columns, positive, recording
 from .paths import check_paths, sparse_ff_layers, use_path
 
 __all__ = ["BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "paper_speedup", "block_config", "block_decode",
-           "main_rows", "path_table"]
+           "main_rows", "path_table", "block_bytes", "bytes_table",
+           "bytes_verdicts"]
 
 
 #: The paper's decode benchmark shapes (plus a tiny one for tests). ``d_ff_qkv``: the wider FF the paper uses
@@ -138,7 +140,7 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
         repeats = pick(default=30, fast=8) if shape != "17b" else pick(default=7, fast=3)
     s = BLOCK_SHAPES[shape]
     approx_gb = 4 * (4 * s["d_model"] ** 2 + 2 * s["d_model"] * s["d_ff_qkv"]) / 1e9 * len(variants)
-    times, params, taken = {}, {}, {}
+    times, params, taken, samples = {}, {}, {}, {}
 
     def timed_and_primes(v, step):
         fns = _timed_steps(step, v, paths)
@@ -153,8 +155,9 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
             f, p = timed_and_primes(v, step)
             fns.update(f)
             primes.update(p)
-        times = interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes,
-                            progress=f"block {shape}" if progress else None)
+        with recording() as samples:
+            times = interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes,
+                                progress=f"block {shape}" if progress else None)
         taken = {k: getattr(f, "taken", None) for k, f in fns.items()}
         mode = "interleaved"
         del fns, primes
@@ -164,7 +167,9 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
             step = _BlockStep(block_config(shape, v), cache_len)
             params[v] = step.params
             fns, primes = timed_and_primes(v, step)
-            times.update(interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes))
+            with recording() as rec:
+                times.update(interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes))
+            samples.update(rec)
             taken.update({k: getattr(f, "taken", None) for k, f in fns.items()})
             del step, fns, primes
             free_memory()
@@ -176,7 +181,7 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
         cfg = block_config(shape, v)
         row = {"shape": shape, "variant": v, "path": path, "step path": taken.get((v, path)), "d_ff": cfg.d_ff,
                "params (M)": params[v] / 1e6,
-               "ms per token": seconds * 1e3,
+               "ms per token": seconds * 1e3, "IQR / median": spread(samples[(v, path)]),
                "speed-up": base / seconds if base else float("nan"),
                "paper ms": paper.get(v, float("nan")),
                "paper speed-up": paper_speedup(shape, v),
@@ -195,8 +200,8 @@ def main_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def path_table(df: pd.DataFrame) -> pd.DataFrame:
     """:func:`block_decode`'s rows as a narrow table: one row per variant, ms per token and speed-up over dense
-    (``x``) for every path timed (a variant without a sparse FF has one time, shown under every path), and the
-    paper's speed-up."""
+    (``x``) for every path timed (a variant without a sparse FF has one time, shown under every path), the
+    paper's speed-up, and the largest spread of the variant's timings (``IQR``: interquartile range over median)."""
     paths = list(dict.fromkeys(df["path"].dropna()))
     out = []
     for v, part in df.groupby("variant", sort=False):
@@ -206,5 +211,69 @@ def path_table(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{p} ms"] = float(hit["ms per token"].iloc[0])
             row[f"{p} x"] = float(hit["speed-up"].iloc[0])
         row["paper x"] = float(part["paper speed-up"].iloc[0])
+        if "IQR / median" in part:
+            row["IQR"] = float(part["IQR / median"].max())
         out.append(row)
     return pd.DataFrame(out).set_index("variant")
+
+
+def block_bytes(shape: str, variant: str, cache_len: int = 128) -> dict[str, float]:
+    """MB one block of ``shape`` reads to decode one token (batch 1, float32), part by part.
+
+    Counted from the block's own parameters, built on PyTorch's ``meta`` device (shapes without memory, so the
+    17B block costs nothing): ``attention`` (every attention weight: the QKV and output projections, or the
+    multiplicative layer and the convolutions), ``FF`` (the dense FF's weights, or the sparse FF's selected rows:
+    ``1/N`` of ``W1`` and ``W2``, plus ``b2``), ``controller`` (read in full: it scores every unit), ``KV cache``
+    (the keys and values of ``cache_len`` cached positions and the new one) and ``layer norms``.
+    """
+    check_choice("shape", shape, BLOCK_SHAPES)
+    check_choice("variant", variant, BLOCK_VARIANTS)
+    positive("cache_len", cache_len)
+    cfg = block_config(shape, variant)
+    with torch.device("meta"):
+        block = Block(cfg)
+    counts = dict.fromkeys(["attention", "FF", "controller", "KV cache", "layer norms"], 0.0)
+    for name, p in block.named_parameters():
+        if name.startswith("attn."):
+            counts["attention"] += p.numel()
+        elif name.startswith("ff.controller."):
+            counts["controller"] += p.numel()
+        elif name in ("ff.w1", "ff.w2"):                 # the sparse FF's rows: one unit of every block of N
+            counts["FF"] += p.numel() / cfg.ff_block_size
+        elif name.startswith("ff."):
+            counts["FF"] += p.numel()
+        else:
+            counts["layer norms"] += p.numel()
+    counts["KV cache"] = 2 * (cache_len + 1) * cfg.d_model    # K and V of every position, the new one included
+    mb = {k: 4 * v / 1e6 for k, v in counts.items()}
+    mb["total"] = sum(mb.values())
+    return mb
+
+
+def bytes_table(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`block_decode`'s main rows (:func:`main_rows`) with each variant's bytes per token, part by part
+    (:func:`block_bytes`, MB), the speed-up those bytes alone allow (``bytes x``: dense MB / variant MB), the
+    measured speed-up and its share of the bytes limit."""
+    rows = []
+    for _, r in main_rows(df).iterrows():
+        rows.append({"variant": r["variant"], **block_bytes(r["shape"], r["variant"], int(r["cache_len"]))})
+    out = pd.DataFrame(rows).set_index("variant").add_suffix(" MB")
+    dense_mb = out.loc["dense", "total MB"] if "dense" in out.index else float("nan")
+    out["bytes x"] = dense_mb / out["total MB"]
+    out["measured x"] = main_rows(df).set_index("variant")["speed-up"]
+    out["share of bytes limit"] = out["measured x"] / out["bytes x"]
+    return out
+
+
+def bytes_verdicts(df: pd.DataFrame, name: str) -> list[str]:
+    """One sentence per sparse variant of a :func:`block_decode` run: the speed-up its bytes allow, the one
+    measured, and its largest read (for the chapter to print under :func:`bytes_table`)."""
+    t = bytes_table(df)
+    parts = ["attention MB", "FF MB", "controller MB", "KV cache MB"]
+    lines = []
+    for v, r in t.drop(index="dense", errors="ignore").iterrows():
+        top = r[parts].astype(float).idxmax()
+        lines.append(f"{name} {v}: its bytes allow {r['bytes x']:.1f}x, it measured {r['measured x']:.2f}x "
+                     f"({r['share of bytes limit']:.2f} of that); its largest read is the "
+                     f"{top.removesuffix(' MB')} ({r[top]:.2f} of {r['total MB']:.2f} MB).")
+    return lines

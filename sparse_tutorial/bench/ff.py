@@ -11,7 +11,8 @@ from ..config import pick
 from ..layers.dense import DenseFF
 from ..layers.sparse_ff import SparseFF
 from ..measure.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
-from .harness import free_memory, interleaved, machine_columns, positive
+from ..measure.timing import spread
+from .harness import free_memory, interleaved, machine_columns, positive, recording
 from .paths import check_paths
 
 __all__ = ["ff_layer", "ff_sweep", "ff_rows", "path_table"]
@@ -28,7 +29,8 @@ def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = N
 
     ``paths``: the decode paths timed (:mod:`.paths`; default the best available), all in the same round-robin.
     ``sparse s``, ``speed-up`` and ``share of limit`` are the first path's (named in ``path``); every path timed
-    also gets ``<path> s`` and ``<path> speed-up``.
+    also gets ``<path> s`` and ``<path> speed-up``. ``max IQR / median`` is the largest spread of the repeats
+    among the layers timed (:func:`~sparse_tutorial.measure.timing.spread`).
     """
     paths = check_paths(paths)
     for name, v in (("d_model", d_model), ("d_ff", d_ff), ("block_size", block_size), ("batch", batch),
@@ -54,14 +56,16 @@ def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = N
     for p in paths:
         primes[p] = lambda p=p: tiny_sparse.decode(tiny_x, path=p)
         fns[p] = cycling(lambda x, p=p: sparse.decode(x, path=p))
-    t = interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=cold_cache, primes=primes)
+    with recording() as samples:
+        t = interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=cold_cache, primes=primes)
     limit = bytes_limit_ratio(d_model, d_ff, block_size, sparse.d_lowrank)
     speedup = t["dense"] / t[paths[0]]
     row = {"d_model": d_model, "d_ff": d_ff, "block_size": block_size, "d_lowrank": sparse.d_lowrank,
            "batch": batch, "path": paths[0], "dense s": t["dense"], "sparse s": t[paths[0]], "speed-up": speedup,
            "limit ratio": limit, "share of limit": speedup / limit,
            "dense MB": dense_ff_cost(d_model, d_ff).bytes() / 1e6,
-           "sparse MB": sparse_ff_cost(d_model, d_ff, block_size, sparse.d_lowrank).bytes() / 1e6}
+           "sparse MB": sparse_ff_cost(d_model, d_ff, block_size, sparse.d_lowrank).bytes() / 1e6,
+           "max IQR / median": max(spread(s) for s in samples.values())}
     for p in paths:
         row[f"{p} s"] = t[p]
         row[f"{p} speed-up"] = t["dense"] / t[p]
@@ -71,7 +75,8 @@ def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = N
 def path_table(df: pd.DataFrame, gbps: float | None = None) -> pd.DataFrame:
     """:func:`ff_sweep`'s (or :func:`ff_layer`'s) rows as a narrow table, one column group per decode path timed:
     µs per token and speed-up over dense (``x``); then the bytes limit and, with the measured bandwidth
-    ``gbps`` (GB/s), the µs the sparse layer's bytes need at that speed (what is left is fixed cost)."""
+    ``gbps`` (GB/s), the µs the sparse layer's bytes need at that speed (what is left is fixed cost); last the
+    largest spread of the row's timings (``IQR``: interquartile range over median)."""
     paths = [c[:-2] for c in df.columns if c.endswith(" s") and c not in ("dense s", "sparse s")]
     out = pd.DataFrame({"d_model": df["d_model"], "dense ms": df["dense s"] * 1e3})
     for p in paths:
@@ -80,6 +85,8 @@ def path_table(df: pd.DataFrame, gbps: float | None = None) -> pd.DataFrame:
     out["limit x"] = df["limit ratio"]
     if gbps:
         out["bytes µs"] = df["sparse MB"] / gbps * 1e3
+    if "max IQR / median" in df:
+        out["IQR"] = df["max IQR / median"]
     return out
 
 

@@ -6,24 +6,17 @@ the quartiles of the repeats: two thread counts differ only where their spreads 
 """
 from __future__ import annotations
 
-import statistics
 from typing import Sequence
 
 import pandas as pd
 
+from ..measure.timing import quartiles
 from .block import block_decode
 from .ff import ff_layer
 from .harness import clock_name, machine_columns, num_threads, positive, recording, wall_clock
 from .paths import check_paths
 
 __all__ = ["threads_compare", "threads_verdicts", "threads_table"]
-
-
-def _quartiles(samples: list[float]) -> tuple[float, float, float]:
-    if len(samples) < 2:
-        return samples[0], samples[0], samples[0]
-    q = statistics.quantiles(samples, n=4, method="inclusive")
-    return q[0], statistics.median(samples), q[2]
 
 
 def threads_compare(counts: Sequence[int] = (1, 2), *, ff_shape: Sequence[int | None] = (4096, 16384, 64, 128),
@@ -59,7 +52,7 @@ def threads_compare(counts: Sequence[int] = (1, 2), *, ff_shape: Sequence[int | 
                                  "threads": n, "clock": clock, "samples": s})
     out = []
     for r in rows:
-        q1, med, q3 = _quartiles(r.pop("samples"))
+        q1, med, q3 = quartiles(r.pop("samples"))
         out.append({**r, "median ms": med * 1e3, "q1 ms": q1 * 1e3, "q3 ms": q3 * 1e3,
                     "spread %": 100 * (q3 - q1) / med})
     df = pd.DataFrame(out)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..config import pick
 from ..layers.registry import FF_KINDS
+from ..measure.timing import spread
 from ..model import ModelConfig, TransformerLM, seed_config
 from .harness import check_choice, check_counts, clock, free_memory, interleaved, machine_columns, positive
 from .paths import check_paths, sparse_ff_layers, use_path
@@ -147,7 +148,8 @@ def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 3
             row = {"d_model": d_model, "n_layers": n_layers, "batch": B, "prompt_len": prompt_len,
                    "variant": v, "path": path, "step path": runs[(v, path)].step_path,
                    "prefill ms": pre * 1e3, "decode ms per step": tok * 1e3,
-                   "decode µs per token": tok * 1e6 / B}
+                   "decode µs per token": tok * 1e6 / B,
+                   "decode IQR / median": spread(runs[(v, path)].per_token)}
             if ("dense", None) in med:
                 row["prefill ratio (variant / dense)"] = pre / med[("dense", None)][0]
                 row["decode speed-up (dense / variant)"] = med[("dense", None)][1] / tok

@@ -13,7 +13,24 @@ from typing import Callable
 
 import torch
 
-__all__ = ["time_call", "compare", "machine_info", "machine_summary", "measure_bandwidth"]
+__all__ = ["time_call", "compare", "machine_info", "machine_summary", "measure_bandwidth", "quartiles", "spread"]
+
+
+def quartiles(samples: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile of timing samples (one sample: itself three times)."""
+    if not samples:
+        raise ValueError("samples must not be empty")
+    if len(samples) < 2:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    return q[0], statistics.median(samples), q[2]
+
+
+def spread(samples: list[float]) -> float:
+    """The interquartile range of timing samples as a share of their median: 0.05 means the middle half of the
+    repeats lay within 5% of the median's size. The tables print it beside each median."""
+    q1, med, q3 = quartiles(samples)
+    return (q3 - q1) / med if med > 0 else float("nan")
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 20, warmup: int = 3, inner: int = 1) -> float:
@@ -142,8 +159,8 @@ def dense_ff_batch_sweep(d_model: int, d_ff: int, batch_sizes, *, repeats: int =
     take at least ``min_weight_bytes`` (default: 4x the last-level cache, at least 64 MB) and reports the time
     of one layer (total / n_layers). Batch sizes are interleaved within each repeat; medians over repeats.
 
-    Columns: batch, n_layers, ms per call (one layer, all B tokens), µs per token, GFLOP/s, FLOPs,
-    weight bytes, total bytes, FLOP/byte (arithmetic intensity, see :mod:`sparse_tutorial.measure.params`).
+    Columns: batch, n_layers, ms per call (one layer, all B tokens), µs per token, IQR / median (the spread of
+    the repeats, :func:`spread`), GFLOP/s, FLOPs, weight bytes, total bytes, FLOP/byte (arithmetic intensity, see :mod:`sparse_tutorial.measure.params`).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -181,7 +198,7 @@ def dense_ff_batch_sweep(d_model: int, d_ff: int, batch_sizes, *, repeats: int =
         t = statistics.median(samples[b])
         flops, nbytes = ff_flops(d_model, d_ff, b), ff_bytes(d_model, d_ff, b)
         rows.append({"batch": b, "n_layers": n_layers, "ms per call": t * 1e3, "µs per token": t * 1e6 / b,
-                     "GFLOP/s": flops / t / 1e9, "FLOPs": flops, "weight bytes": nbytes["weights"],
+                     "IQR / median": spread(samples[b]), "GFLOP/s": flops / t / 1e9, "FLOPs": flops, "weight bytes": nbytes["weights"],
                      "total bytes": nbytes["total"], "FLOP/byte": flops / nbytes["total"]})
     return pd.DataFrame(rows)
 
