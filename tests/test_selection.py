@@ -1,7 +1,9 @@
 """Unit-usage statistics, the sampling of the hard mask, and chapter 2's experiment helpers."""
 import math
+from dataclasses import replace
 
 import matplotlib
+import pandas as pd
 import pytest
 import torch
 
@@ -138,6 +140,40 @@ def test_compare_variants_table():
     assert table["controller params"].tolist() == [224, 224, 544]
     assert ((table["units used after"] > 0) & (table["units used after"] <= 1)).all()
     assert math.isfinite(table["val loss"].sum())
+
+
+def test_compare_variants_over_seeds_gives_means_and_ranges():
+    data = toy_data()
+    cfg = ModelConfig(vocab_size=len(data.vocab), context_length=16, d_model=16, n_heads=2, n_layers=1, d_ff=32,
+                      ff_block_size=8, ff="sparse")
+    tc = TrainConfig(steps=3, batch_size=4, eval_every=3, eval_batches=1)
+    one, _, _ = compare_variants([Variant("paper")], cfg, replace(tc, seed=0), data, progress=False)
+    two, hist, _ = compare_variants([Variant("paper")], cfg, replace(tc, seed=1), data, seeds=[0, 1],
+                                    progress=False)
+    row = two.iloc[0]
+    assert row["seeds"] == 2 and len(row["val losses"]) == 2
+    assert row["val losses"][0] == one["val loss"].iloc[0]          # seed 0 is the same run in both calls
+    assert row["val loss"] == pytest.approx(sum(row["val losses"]) / 2)
+    assert row["val min"] == min(row["val losses"]) and row["val max"] == max(row["val losses"])
+    assert row["val min"] < row["val max"]                          # two seeds, two different runs
+    for bad in ([], [0, 0], [0.5]):
+        with pytest.raises(ValueError, match="seeds"):
+            compare_variants([Variant("paper")], cfg, tc, data, seeds=bad, progress=False)
+
+
+def test_variant_readings_judge_each_difference_against_the_seeds_range():
+    from sparse_tutorial.studies.readings import variant_readings
+    base = {"train loss": 1.0, "units used after": 0.5, "entropy after": 0.9, "seeds": 3}
+    table = pd.DataFrame([
+        {"variant": "recipe", "val loss": 2.00, "val min": 1.95, "val max": 2.05, **base},
+        {"variant": "close", "val loss": 2.05, "val min": 2.00, "val max": 2.10, **base},
+        {"variant": "far", "val loss": 2.50, "val min": 2.45, "val max": 2.55, **base},
+    ])
+    text = " ".join(variant_readings(table).split())
+    assert "3 seeds" in text
+    assert "beyond the seeds' spread: 'far'; within it (not told apart by this run): 'close'" in text
+    one = variant_readings(table.drop(columns=["seeds", "val min", "val max"]))
+    assert "one seed" in one and "within" not in one
 
 
 @pytest.mark.parametrize("kw,needle", [(dict(noise_scale=float("nan")), "noise_scale=nan"),

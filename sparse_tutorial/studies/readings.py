@@ -91,20 +91,39 @@ def bytes_limits(bandwidth_gbs: float, layers: list[tuple[str, int, int, int, in
 
 def variant_readings(table: pd.DataFrame) -> str:
     """Each ablation variant against the first row (the paper's recipe), with the train-val gap that shows a
-    train/eval mismatch. One seed: the sentences say so."""
+    train/eval mismatch. With several seeds (``seeds`` > 1, :func:`~sparse_tutorial.studies.selection.
+    compare_variants`), the losses are means and each difference is judged against the seeds' ranges: one smaller
+    than the wider of the two ranges is within this run's noise. With one seed the sentences say so."""
     t = table.set_index("variant") if "variant" in table.columns else table
     ref_name, ref = t.index[0], t.iloc[0]
-    out = [f"In this run (one seed of a short run; exercise 3 measures the spread over seeds), against "
-           f"{ref_name!r}: val loss {ref['val loss']:.3f}, units used {ref['units used after']:.0%}, "
-           f"in-block entropy {ref['entropy after']:.2f}."]
+    n_seeds = int(ref["seeds"]) if "seeds" in t.columns else 1
+    rng = (lambda r: r["val max"] - r["val min"]) if n_seeds > 1 else (lambda r: float("nan"))  # noqa: E731
+    if n_seeds > 1:
+        head = (f"In this run ({n_seeds} seeds per variant; losses are means, ranges are max - min over the "
+                f"seeds), against {ref_name!r}: val loss {ref['val loss']:.3f} (range {rng(ref):.3f}), ")
+    else:
+        head = (f"In this run (one seed of a short run: a difference smaller than the spread between seeds "
+                f"means nothing), against {ref_name!r}: val loss {ref['val loss']:.3f}, ")
+    out = [head + f"units used {ref['units used after']:.0%}, in-block entropy {ref['entropy after']:.2f}."]
+    within, beyond = [], []
     for name, row in t.iloc[1:].iterrows():
         gap = row["val loss"] - row["train loss"]
-        out.append(f"- {name}: val loss {row['val loss']:.3f} ({row['val loss'] - ref['val loss']:+.3f}); "
+        diff = row["val loss"] - ref["val loss"]
+        noise = ""
+        if n_seeds > 1:
+            bar = max(rng(row), rng(ref))
+            (within if abs(diff) < bar else beyond).append(name)
+            noise = f" (range {rng(row):.3f}: {'within' if abs(diff) < bar else 'beyond'} the seeds' spread)"
+        out.append(f"- {name}: val loss {row['val loss']:.3f} ({diff:+.3f}){noise}; "
                    f"val - train {gap:+.3f} (recipe {ref['val loss'] - ref['train loss']:+.3f}); "
                    f"units used {row['units used after']:.0%}; entropy {row['entropy after']:.2f}.")
     best = t["val loss"].idxmin()
     out.append(f"Lowest validation loss in this run: {best!r} ({t['val loss'].min():.3f}); the spread of the "
                f"table's val losses is {t['val loss'].max() - t['val loss'].min():.3f} nats.")
+    if n_seeds > 1:
+        out.append(f"Differences from {ref_name!r} beyond the seeds' spread: "
+                   f"{', '.join(repr(n) for n in beyond) or 'none'}; within it (not told apart by this run): "
+                   f"{', '.join(repr(n) for n in within) or 'none'}.")
     return "\n".join(textwrap.fill(s, WIDTH, subsequent_indent="  ") for s in out)
 
 

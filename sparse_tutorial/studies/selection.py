@@ -18,7 +18,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -534,30 +535,48 @@ def usage_of_model(model: TransformerLM, data: TextData, *, batch_size: int = 8,
 
 
 def compare_variants(variants: list[Variant], cfg: ModelConfig, tc: TrainConfig, data: TextData, *,
-                     progress: bool = True) -> tuple[pd.DataFrame, dict[str, pd.DataFrame],
-                                                     dict[str, TransformerLM]]:
-    """Train one model per variant (same data order, optimizer and seed); tabulate loss and unit usage.
+                     seeds: Sequence[int] | None = None, progress: bool = True
+                     ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict[str, TransformerLM]]:
+    """Train one model per variant and seed (the same data order, optimizer and initialisation for every variant
+    of a seed); tabulate loss and unit usage.
+
+    ``seeds`` (default ``(tc.seed,)``): each seed sets the initialisation and the batches. ``train loss`` and
+    ``val loss`` are the means over the seeds, ``val min`` and ``val max`` their range (one seed: equal) and
+    ``val losses`` the list. Usage columns, histories and models are the first seed's.
 
     Returns ``(table, histories, models)``: one table row per variant, each variant's training history and
     its trained model (in eval mode).
     """
+    seeds = [tc.seed] if seeds is None else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                             for s in seeds):
+        raise ValueError(f"seeds must be distinct integers, at least one, got seeds={seeds!r}")
     rows, histories, models = [], {}, {}
     for v in variants:
-        torch.manual_seed(tc.seed)
-        model = TransformerLM(ModelConfig(**{**cfg.to_dict(), "ff": "sparse", "controller": v.controller}))
-        set_selection(model, hard_prob=v.hard_prob, noise_scale=v.noise_scale)
-        before = usage_stats(usage_of_model(model, data), cfg.ff_block_size)
-        hist = train_lm(model, data, tc, progress=progress, desc=v.name)
-        after = usage_stats(usage_of_model(model, data), cfg.ff_block_size)
-        ctrl_params = sum(p.numel() for ff in sparse_layers(model) for p in ff.controller.parameters())
+        train_losses, val_losses = [], []
+        for seed in seeds:
+            run_tc = replace(tc, seed=seed)
+            torch.manual_seed(seed)
+            model = TransformerLM(ModelConfig(**{**cfg.to_dict(), "ff": "sparse", "controller": v.controller}))
+            set_selection(model, hard_prob=v.hard_prob, noise_scale=v.noise_scale)
+            if seed == seeds[0]:
+                before = usage_stats(usage_of_model(model, data), cfg.ff_block_size)
+            desc = v.name if len(seeds) == 1 else f"{v.name}, seed {seed}"
+            hist = train_lm(model, data, run_tc, progress=progress, desc=desc)
+            train_losses.append(float(hist["train_loss"].iloc[-1]))
+            val_losses.append(float(hist["val_loss"].iloc[-1]))
+            if seed == seeds[0]:
+                after = usage_stats(usage_of_model(model, data), cfg.ff_block_size)
+                histories[v.name], models[v.name] = hist, model
+                sec = hist["sec_per_step"].mean()
+        ctrl_params = sum(p.numel() for ff in sparse_layers(models[v.name]) for p in ff.controller.parameters())
         rows.append({
             "variant": v.name, "controller": v.controller, "hard_prob": v.hard_prob,
             "noise_scale": v.noise_scale, "controller params": ctrl_params,
-            "train loss": hist["train_loss"].iloc[-1], "val loss": hist["val_loss"].iloc[-1],
+            "train loss": float(np.mean(train_losses)), "val loss": float(np.mean(val_losses)),
+            "val min": min(val_losses), "val max": max(val_losses), "val losses": val_losses, "seeds": len(seeds),
             "units used before": before["units used"], "units used after": after["units used"],
             "entropy after": after["normalised entropy"], "max load after": after["max load"],
-            "sec/step": hist["sec_per_step"].mean(),
+            "sec/step": sec,
         })
-        histories[v.name] = hist
-        models[v.name] = model
     return pd.DataFrame(rows), histories, models
