@@ -149,6 +149,27 @@ def test_block_config_follows_the_paper():
     assert bench.block_config("800m", "sparse QKV").d_ff == 6144
 
 
+def test_ff_kind_times_every_registered_kind_against_dense(capsys, tmp_path):
+    from sparse_tutorial.layers.registry import FF_KINDS
+    out = run_json(capsys, tmp_path, "ff", "--kind", "moe", "pkm", "--d-model", "32", "64", "--block-size", "8")
+    rows = pd.DataFrame(out["rows"])
+    assert rows["kind"].tolist() == ["dense", "moe", "pkm"] * 2          # dense first: every speed-up's baseline
+    assert rows["d_model"].tolist() == [32] * 3 + [64] * 3
+    dense = rows[rows["kind"] == "dense"]
+    assert (dense["speed-up"] == 1).all() and (dense["bytes x"] == 1).all()
+    assert {"µs", "MB read", "IQR", "stored MB"} <= set(rows.columns)
+    every = bench.ff_kinds([32], repeats=1, block_size=8, progress=False)
+    assert every["kind"].tolist() == ["dense", *[k for k in FF_KINDS if k != "dense"]]
+    sparse = every.set_index("kind").loc["sparse"]
+    from sparse_tutorial.layers import SparseFF
+    assert sparse["MB read"] == 4 * SparseFF(32, 128, 8).active_params_per_token() / 1e6
+    with pytest.raises(ValueError, match="kind"):
+        bench.ff_kinds([32], ["gpu"], repeats=1)
+    with pytest.raises(SystemExit):
+        bench.main(["ff", "--kind", "moe", "--d-ff", "64", "--d-model", "32", "--no-csv"])
+    assert "--kind" in capsys.readouterr().err
+
+
 def test_spread_is_the_interquartile_range_over_the_median_in_every_timing_table(monkeypatch):
     from sparse_tutorial.measure import timing
     assert timing.spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)

@@ -3,6 +3,7 @@
     python -m sparse_tutorial.bench bandwidth
     python -m sparse_tutorial.bench ff --d-model 4096 --d-ff 16384 --block-size 64 --d-lowrank 128
     python -m sparse_tutorial.bench ff --d-model 256 512 1024 2048 4096        # a width sweep, d_ff = 4 d_model
+    python -m sparse_tutorial.bench ff --kind sparse moe pkm --d-model 512 2048  # every FF kind against dense
     python -m sparse_tutorial.bench block --shape 800m 17b
     python -m sparse_tutorial.bench generate --batch-sizes 1 8 64
     python -m sparse_tutorial.bench crossover                                  # where the gather path stops paying
@@ -42,7 +43,7 @@ from .block import block_bytes, bytes_verdicts, main_rows
 from .block import bytes_table as block_bytes_table
 from .block import path_table as block_path_table
 from .cli import main
-from .ff import ff_layer, ff_rows, ff_sweep
+from .ff import ff_kinds, ff_layer, ff_rows, ff_sweep
 from .ff import path_table as ff_path_table
 from .harness import DEFAULT_CSV_DIR, clock, clock_name, interleaved, num_threads, write_csv
 from .int8 import quant_bench
@@ -56,7 +57,7 @@ from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_ben
 
 __all__ = [
     "BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "MODEL_VARIANTS", "DEFAULT_CSV_DIR",
-    "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_sweep", "ff_rows", "block_config", "block_decode",
+    "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_kinds", "ff_sweep", "ff_rows", "block_config", "block_decode",
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
     "write_csv", "target_table", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",

@@ -12,9 +12,10 @@ import time
 import pandas as pd
 
 from ..config import pick
+from ..layers.registry import FF_KINDS
 from ..measure.timing import machine_info
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, block_decode
-from .ff import ff_layer
+from .ff import ff_kinds, ff_layer
 from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
 from .int8 import quant_bench
 from .machine import bandwidth
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=64)
     s.add_argument("--d-lowrank", type=int, default=None, help="default: d_ff / block-size")
     s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--kind", nargs="+", default=None, choices=sorted(FF_KINDS),
+                   help="time these registered FF kinds' decode (layer.decode, one token) against dense, each with "
+                        "the defaults of a model of this width (chapter 6), instead of the sparse FF's paths")
 
     s = sub.add_parser("block", parents=[common, path], help="one Transformer block, the paper's four variants")
     s.add_argument("--shape", nargs="+", default=["800m"], choices=sorted(BLOCK_SHAPES))
@@ -109,6 +113,12 @@ def _run(args) -> pd.DataFrame:
     c = args.command
     if c == "bandwidth":
         return bandwidth(args.size_mb, args.repeats)
+    if c == "ff" and args.kind:
+        if args.d_ff or args.d_lowrank or args.batch != 1:
+            raise ValueError("--kind times d_ff = 4 x d_model at batch 1 with each kind's defaults; it takes "
+                             f"no --d-ff, --d-lowrank or --batch, got d_ff={args.d_ff}, "
+                             f"d_lowrank={args.d_lowrank}, batch={args.batch}")
+        return ff_kinds(args.d_model, args.kind, block_size=args.block_size, repeats=args.repeats, progress=False)
     if c == "ff":
         d_ffs = args.d_ff or [4 * d for d in args.d_model]
         if len(d_ffs) == 1 and len(args.d_model) > 1:

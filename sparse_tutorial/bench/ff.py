@@ -9,13 +9,15 @@ from tqdm.auto import tqdm
 
 from ..config import pick
 from ..layers.dense import DenseFF
+from ..layers.registry import FF_KINDS, make_ff
 from ..layers.sparse_ff import SparseFF
 from ..measure.costs import bytes_limit_ratio, dense_ff_cost, sparse_ff_cost
 from ..measure.timing import spread
-from .harness import free_memory, interleaved, machine_columns, positive, recording
+from ..model import ModelConfig
+from .harness import check_choice, free_memory, interleaved, machine_columns, positive, recording
 from .paths import check_paths
 
-__all__ = ["ff_layer", "ff_sweep", "ff_rows", "path_table"]
+__all__ = ["ff_layer", "ff_sweep", "ff_rows", "path_table", "ff_kinds"]
 
 
 def ff_layer(d_model: int, d_ff: int, block_size: int, d_lowrank: int | None = None, *, batch: int = 1,
@@ -131,3 +133,58 @@ def ff_rows(d_model: int, rows: Sequence[int], *, ff_ratio: int = 4, block_size:
                     "masked / dense": t["masked"] / t["dense"], "decode path": sparse.last_decode_path,
                     **machine_columns()})
     return pd.DataFrame(out)
+
+
+def _kind_layer(kind: str, d_model: int, d_ff: int, block_size: int):
+    """One FF layer of a registered kind, in eval mode, with the defaults a model of this width would give it."""
+    cfg = ModelConfig(vocab_size=2, context_length=8, d_model=d_model, n_heads=1, n_layers=1, d_ff=d_ff,
+                      dropout=0.0, ff=kind, ff_block_size=block_size)
+    return make_ff(cfg).eval()
+
+
+def ff_kinds(widths: Sequence[int], kinds: Sequence[str] | None = None, *, ff_ratio: int = 4, block_size: int = 64,
+             repeats: int | None = None, warmup: int = 3, n_inputs: int = 8, progress: bool = True
+             ) -> pd.DataFrame:
+    """One FF layer of every registered kind decoding one token (``layer.decode``, batch 1, cold cache), for every
+    ``d_model`` in ``widths`` with ``d_ff = ff_ratio * d_model``. Each kind takes the defaults a model of that width
+    gives it (:func:`~sparse_tutorial.layers.registry.make_ff`): ``N = block_size`` for the controller FF, its
+    experts for MoE, its keys for PKM.
+
+    One row per (width, kind): ``µs``, ``speed-up`` (dense / kind), ``MB read`` (the weights ``decode`` reads for
+    one token, ``active_params_per_token``, float32), ``bytes x`` (dense MB / kind MB: what bytes allow) and ``IQR``
+    (the spread of the repeats). The kinds of one width are timed round-robin.
+    """
+    widths = [positive("d_model", d) for d in widths]
+    if not widths:
+        raise ValueError("widths must not be empty")
+    kinds = ["dense", *[k for k in FF_KINDS if k != "dense"]] if kinds is None else list(kinds)
+    for k in kinds:
+        check_choice("kind", k, FF_KINDS)
+    if "dense" not in kinds:
+        kinds = ["dense", *kinds]                        # the baseline of every speed-up
+    repeats = pick(default=30, fast=8) if repeats is None else repeats
+    rows = []
+    for d in tqdm(widths, desc="FF kinds by width", disable=not progress):
+        torch.manual_seed(0)
+        layers = {k: _kind_layer(k, d, ff_ratio * d, block_size) for k in kinds}
+        twins = {k: _kind_layer(k, 32, 128, 16) for k in kinds}
+        xs = torch.randn(n_inputs, 1, d)                                    # (n_inputs, B=1, d)
+        tiny_x = torch.randn(1, 32)
+        state = {"i": 0}
+
+        def call(layer):
+            state["i"] = (state["i"] + 1) % n_inputs
+            return layer.decode(xs[state["i"]])
+        fns = {k: (lambda layer=layer: call(layer)) for k, layer in layers.items()}
+        primes = {k: (lambda t=t: t.decode(tiny_x)) for k, t in twins.items()}
+        with recording() as samples:
+            t = interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes)
+        mb = {k: 4 * layer.active_params_per_token() / 1e6 for k, layer in layers.items()}
+        for k in kinds:
+            rows.append({"d_model": d, "d_ff": ff_ratio * d, "kind": k, "µs": t[k] * 1e6,
+                         "speed-up": t["dense"] / t[k], "MB read": mb[k], "bytes x": mb["dense"] / mb[k],
+                         "IQR": spread(samples[k]), "stored MB": 4 * layers[k].num_params() / 1e6,
+                         **machine_columns()})
+        del layers, twins
+        free_memory()
+    return pd.DataFrame(rows)
