@@ -80,3 +80,22 @@ def test_moe_bad_arguments_are_named(kwargs, message):
 def test_pkm_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ProductKeyMemory(**{"d_model": 8, "n_keys": 6, "top_k": 2, **kwargs})
+
+
+def test_layer_width_verdicts_and_figure_come_from_the_numbers():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from sparse_tutorial.studies import relatives
+    rows = [(256, "dense", 1.0, 1.0), (256, "moe", 0.8, 4.0), (256, "pkm", 0.5, 20.0),
+            (1024, "dense", 1.0, 1.0), (1024, "moe", 2.0, 4.0), (1024, "pkm", 0.9, 40.0)]
+    df = pd.DataFrame(rows, columns=["d_model", "kind", "speed-up", "bytes x"])
+    moe, pkm = relatives.layer_width_verdicts(df)
+    assert moe == "moe: faster than dense from d_model 1024; at d_model 1024 2.00x, 0.50 of the 4.0x its bytes allow."
+    assert pkm.startswith("pkm: not faster than dense at any width measured; at d_model 1024 0.90x")
+    fig = relatives.layer_width_figure(df)
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert labels[:4] == ["moe: measured", "moe: bytes allow", "pkm: measured", "pkm: bytes allow"]
+    plt.close(fig)

@@ -17,7 +17,7 @@ from .plots import COLORS
 PALETTE = ["#DD8452", "#4C72B0", "#55A868", "#8172B3", "#C44E52", "#937860"]
 
 __all__ = ["KINDS", "DESIGNS", "design_table", "plot_stored_vs_read", "quality_table", "decode_figure",
-           "seed_findings"]
+           "layer_width_figure", "layer_width_verdicts", "seed_findings"]
 
 #: label -> ModelConfig overrides of the chapter's five models (all at the book's size)
 KINDS: dict[str, dict] = {
@@ -90,6 +90,38 @@ def decode_figure(df: pd.DataFrame, batch: int) -> Figure:
     ax.set_xlabel("decode time per token (µs), whole model with the cache")
     ax.set_title(f"batch {batch}")
     return fig
+
+
+def layer_width_figure(df: pd.DataFrame) -> Figure:
+    """One FF layer of each kind decoding one token against width (``bench.ff_kinds`` rows): the measured speed-up
+    over dense (solid) and the speed-up its bytes allow (dotted, same colour), on log axes."""
+    fig, ax = plt.subplots(figsize=(7, 3.8), layout="constrained")
+    kinds = [k for k in dict.fromkeys(df["kind"]) if k != "dense"]
+    for color, kind in zip(PALETTE, kinds):
+        part = df[df["kind"] == kind]
+        ax.plot(part["d_model"], part["speed-up"], "o-", color=color, label=f"{kind}: measured")
+        ax.plot(part["d_model"], part["bytes x"], ":", color=color, label=f"{kind}: bytes allow")
+    ax.axhline(1.0, color="k", lw=1, ls="--", label="dense")
+    ax.set(xscale="log", yscale="log", xlabel="d_model (d_ff = 4 d_model)",
+           ylabel="speed-up over the dense layer", title="One FF layer, one token, cold cache")
+    ax.set_xticks(sorted(df["d_model"].unique()), [str(d) for d in sorted(df["d_model"].unique())])
+    ax.legend(fontsize=8, ncols=2)
+    return fig
+
+
+def layer_width_verdicts(df: pd.DataFrame) -> list[str]:
+    """Per kind: from which width its layer decodes faster than dense in this run, and its share of what its bytes
+    allow at the widest width (sentences from the numbers of ``bench.ff_kinds``)."""
+    out = []
+    widest = df["d_model"].max()
+    for kind, part in df[df["kind"] != "dense"].groupby("kind", sort=False):
+        faster = part[part["speed-up"] > 1.0]["d_model"]
+        top = part[part["d_model"] == widest].iloc[0]
+        start = (f"faster than dense from d_model {int(faster.min())}" if len(faster)
+                 else "not faster than dense at any width measured")
+        out.append(f"{kind}: {start}; at d_model {int(widest)} {top['speed-up']:.2f}x, "
+                   f"{top['speed-up'] / top['bytes x']:.2f} of the {top['bytes x']:.1f}x its bytes allow.")
+    return out
 
 
 def seed_findings(quality: pd.DataFrame, decode: pd.DataFrame) -> list[str]:
