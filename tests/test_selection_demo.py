@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 from sparse_tutorial.layers import SparseFF
 from sparse_tutorial.studies.selection import (choice_frequencies, gathered_rows, gradient_reach, hard_call_share,
                                                plot_choice_frequencies, selection_schematic, selection_table,
-                                               show_source, worked_example)
+                                               worked_example)
 
 
 def test_worked_example_is_small_integer_and_both_paths_agree():
@@ -75,8 +75,3 @@ def test_hard_call_share_counts_last_mask_hard():
     ff.hard_prob = 0.3
     r = hard_call_share(ff, x, calls=2000)
     assert abs(r["share"] - 0.3) < 5 * r["binomial std"] and not ff.training
-
-
-def test_show_source_is_the_package_code():
-    code = show_source(SparseFF.mask)
-    assert "def mask" in code.data and "_StraightThrough" in code.data

@@ -11,7 +11,6 @@
 * :func:`choice_frequencies`, :func:`gradient_reach` and :func:`hard_call_share` measure the training tricks:
   the sampled choice against ``softmax(logits / noise_scale)``, where the straight-through gradient goes, and
   the share of hard-mask calls.
-* :func:`show_source` shows a function's code in a chapter (pulled from the package, so it cannot drift).
 * :class:`Variant` and :func:`compare_variants` train the same small model with different controllers and
   selection tricks (hard/soft mix, Gumbel noise) and tabulate loss and unit usage.
 """
@@ -40,7 +39,7 @@ __all__ = [
     "sparse_layers", "ff_inputs", "unit_counts", "usage_stats", "set_selection",
     "plot_selection_heatmap", "plot_usage_histogram", "plot_active_units", "plot_decode_cost",
     "worked_example", "selection_table", "gathered_rows", "selection_schematic", "choice_frequencies",
-    "plot_choice_frequencies", "gradient_reach", "hard_call_share", "show_source",
+    "plot_choice_frequencies", "gradient_reach", "hard_call_share",
     "Variant", "study_config", "study_train_config", "usage_of_model", "compare_variants",
 ]
 
@@ -480,14 +479,6 @@ def hard_call_share(ff: SparseFF, x: torch.Tensor, calls: int = 2000, seed: int 
     p = ff.hard_prob
     return {"calls": calls, "hard calls": hard, "share": hard / calls, "hard_prob": p,
             "binomial std": math.sqrt(p * (1 - p) / calls)}
-
-
-def show_source(obj):
-    """The source code of ``obj`` as a highlighted code block (an ``IPython.display.Code``)."""
-    import inspect
-
-    from IPython.display import Code
-    return Code(inspect.getsource(obj), language="python")
 
 
 # --------------------------------------------------------------------------------------------------
