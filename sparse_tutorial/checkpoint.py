@@ -47,8 +47,15 @@ def _layout(cfg: ModelConfig) -> str:
     return hashlib.sha1(layout.encode()).hexdigest()[:12]
 
 
+#: Config fields added after checkpoints were first written (chapter 7's options). At their defaults they change
+#: nothing about a model, so they are left out of its key: a checkpoint written before they existed stays valid.
+LATER_FIELDS = ("lsh_hashes", "lsh_buckets", "lsh_window", "reversible", "sru_dim", "loss_modules")
+
+
 def _key(cfg: ModelConfig, tc: TrainConfig) -> dict:
-    return {"model": cfg.to_dict(), "train": tc.to_dict(), "layout": {"parameters": _layout(cfg)}}
+    defaults = ModelConfig.__dataclass_fields__
+    model = {k: v for k, v in cfg.to_dict().items() if not (k in LATER_FIELDS and v == defaults[k].default)}
+    return {"model": model, "train": tc.to_dict(), "layout": {"parameters": _layout(cfg)}}
 
 
 def checkpoint_path(cfg: ModelConfig, tc: TrainConfig, folder: Path | None = None) -> Path:

@@ -50,6 +50,12 @@ class ModelConfig:
     pkm_heads: int = 2               # ff="pkm": query heads
     qkv: str = "dense"               # a kind of layers.registry.QKV_KINDS, e.g. "conv" (chapter 4)
     qkv_modules: int | None = None   # S, the number of modules of the sparse QKV layers; None -> sqrt(d_model)
+    lsh_hashes: int = 2              # qkv="lsh": hash rounds (chapter 7)
+    lsh_buckets: int = 8             # qkv="lsh": buckets per round (even: random rotations give +-projections)
+    lsh_window: int = 32             # qkv="lsh": a query sees at most this many earlier keys of its bucket per round
+    reversible: bool = False         # reversible residual streams: activations rebuilt in backward (chapter 7)
+    sru_dim: int | None = None       # width of the SRU branch added to every FF output; None: no branch (chapter 7)
+    loss_modules: int | None = None  # S of a multiplicative output layer (the "sparse loss"); None: tied dense head
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "d_ff", "ff_block_size"):

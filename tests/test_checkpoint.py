@@ -52,6 +52,21 @@ def test_path_encodes_the_config(tmp_path):
     assert checkpoint_path(cfg(), TC, tmp_path) == a
 
 
+def test_fields_added_later_keep_old_keys_at_their_defaults_and_count_when_set(tmp_path):
+    """A checkpoint written before chapter 7's fields existed has the same key as one written now; setting one
+    of them changes the key."""
+    import hashlib
+    import json
+
+    from sparse_tutorial.checkpoint import LATER_FIELDS
+    old_model = {k: v for k, v in cfg().to_dict().items() if k not in LATER_FIELDS}      # the key before them
+    from sparse_tutorial.checkpoint import _layout
+    old_key = {"model": old_model, "train": TC.to_dict(), "layout": {"parameters": _layout(cfg())}}
+    digest = hashlib.sha1(json.dumps(old_key, sort_keys=True).encode()).hexdigest()[:10]
+    assert checkpoint_path(cfg(), TC, tmp_path).name.endswith(f"-{digest}.pt")
+    assert checkpoint_path(cfg(lsh_window=64), TC, tmp_path) != checkpoint_path(cfg(), TC, tmp_path)
+
+
 def test_train_or_load_trains_once_then_loads(tmp_path):
     data = toy_data()
     c = cfg(vocab_size=len(data.vocab))
