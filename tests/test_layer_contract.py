@@ -142,5 +142,5 @@ def test_attention_bad_argument_is_named(qkv_kind, field, value):
 def test_unknown_kinds_are_refused_with_the_registered_ones():
     with pytest.raises(ValueError, match=r"ff must be one of \[.*'sparse'.*\], got ff='bogus'"):
         config(ff="bogus")
-    with pytest.raises(ValueError, match=r"qkv must be one of \[.*'conv'.*\], got qkv='lsh'"):
-        config(qkv="lsh")
+    with pytest.raises(ValueError, match=r"qkv must be one of \[.*'conv'.*\], got qkv='reformer'"):
+        config(qkv="reformer")

@@ -16,7 +16,7 @@ def tiny(ff="sparse", **kw):
     "kw,needle",
     [
         (dict(ff="bogus"), "ff='bogus'"),
-        (dict(qkv="lsh"), "qkv='lsh'"),
+        (dict(qkv="reformer"), "qkv='reformer'"),
         (dict(d_model=15), "d_model=15, n_heads=2"),
         (dict(d_ff=60), "d_ff=60, ff_block_size=8"),
         (dict(n_layers=0), "n_layers=0"),
