@@ -21,10 +21,13 @@ from torch import nn
 from . import config as run_config
 from ._checks import real_number
 from .layers.attention import LayerCache
+from .layers.qkv import MultiplicativeDense
 from .layers.registry import make_attention, make_ff
+from .layers.reversible import ReversibleStack, reversible_forward
 from .layers.sparse_ff import CONTROLLERS
+from .layers.sru import SRUBranch
 
-__all__ = ["ModelConfig", "ModelCache", "Block", "TransformerLM", "book_config", "seed_config"]
+__all__ = ["ModelConfig", "ModelCache", "Block", "TransformerLM", "book_config", "seed_config", "terraformer_config"]
 
 
 @dataclass
@@ -72,6 +75,18 @@ class ModelConfig:
                                            or self.d_lowrank < 1):
             raise ValueError(f"d_lowrank must be a positive integer or None (d_ff // ff_block_size), "
                              f"got d_lowrank={self.d_lowrank!r}")
+        if not isinstance(self.reversible, bool):
+            raise ValueError(f"reversible must be True or False, got reversible={self.reversible!r}")
+        if self.reversible and self.ff == "moe":
+            raise ValueError("reversible=True cannot train ff='moe': its load-balancing loss needs the forward "
+                             "pass's graph, which a reversible stack does not keep; use another ff kind")
+        for name in ("sru_dim", "loss_modules"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {name}={value!r}")
+        if self.loss_modules is not None and self.loss_modules > self.vocab_size:
+            raise ValueError(f"loss_modules must be at most vocab_size={self.vocab_size}, "
+                             f"got loss_modules={self.loss_modules}")
         if not isinstance(self.controller, str) or self.controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {sorted(CONTROLLERS)}, got controller={self.controller!r}")
         # Each layer kind checks its own arguments when it is built (layers.registry). Building one FF and one
@@ -103,6 +118,16 @@ def seed_config(ff: str = "dense", **overrides) -> ModelConfig:
                 dropout=0.2, ff=ff)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def terraformer_config(**overrides) -> ModelConfig:
+    """Chapter 7's long-sequence model at the book's size: sparse FF, LSH attention, reversible streams, an SRU
+    branch in every FF layer and a multiplicative output layer (the "sparse loss"). Overrides as
+    :func:`book_config` (``vocab_size``, ``context_length``, ...)."""
+    base = dict(ff="sparse", qkv="lsh", reversible=True, ff_hard_prob=1.0,
+                sru_dim=run_config.pick(default=32, fast=8), loss_modules=run_config.pick(default=4, fast=2))
+    base.update(overrides)
+    return book_config(**base)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +163,8 @@ class Block(nn.Module):
         self.attn = make_attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ff = make_ff(cfg)
+        #: Terraformer's SRU branch, added to the FF output (``cfg.sru_dim``), or None
+        self.sru = SRUBranch(cfg.d_model, cfg.sru_dim) if cfg.sru_dim else None
         #: in eval mode, calls with at most this many tokens (B*T) use the FF's cheaper ``decode`` path (kinds
         #: with ``has_sparse_decode``, e.g. SparseFF); more use its dense-masked ``forward``.
         #: Default: every call. Chapter 5 measures decode (which gathers both matrices up to N tokens and
@@ -156,9 +183,31 @@ class Block(nn.Module):
             return self.ff.decode(x)
         return self.ff(x)
 
+    def attention_sublayer(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """What the block adds to the stream for attention: ``attn(ln1(x))``, ``(B, T, C)``."""
+        return self.attn(self.ln1(x), cache)
+
+    def ff_sublayer(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """What the block adds for the FF: ``ff(ln2(x))``, plus the SRU branch where there is one."""
+        h = self.feed_forward(self.ln2(x))
+        if self.sru is not None:
+            h = h + self.sru(x, None if cache is None else cache.state)
+        return h
+
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache)           # (B, T, C)
-        return x + self.feed_forward(self.ln2(x))       # (B, T, C)
+        x = x + self.attention_sublayer(x, cache)       # (B, T, C)
+        return x + self.ff_sublayer(x, cache)           # (B, T, C)
+
+
+class _Sublayer:
+    """One sublayer of a block as the reversible stack calls it: ``f(x)`` and the parameters it uses."""
+
+    def __init__(self, fn, modules, cache):
+        self.fn, self.cache = fn, cache
+        self.params = [p for m in modules if m is not None for p in m.parameters()]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.cache)
 
 
 class TransformerLM(nn.Module):
@@ -172,8 +221,13 @@ class TransformerLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # weight tying
+        if cfg.loss_modules:
+            # the "sparse loss": a multiplicative layer (chapter 4) to the vocabulary, padded to a multiple of S
+            padded = -(-cfg.vocab_size // cfg.loss_modules) * cfg.loss_modules
+            self.head = MultiplicativeDense(cfg.d_model, padded, cfg.loss_modules)
+        else:
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.head.weight = self.tok_emb.weight  # weight tying
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
@@ -212,13 +266,39 @@ class TransformerLM(nn.Module):
             cache.layers[0].check_batch(B)                              # before any layer writes into it
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))           # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layers[i])
-        logits = self.head(self.ln_f(x))                                # (B, T, vocab)
+        if self.cfg.reversible:
+            x = self._reversible_blocks(x, cache)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, None if cache is None else cache.layers[i])
+        logits = self.head(self.ln_f(x))[..., :self.cfg.vocab_size]    # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
+
+    def reversible_sublayers(self, cache: ModelCache | None = None) -> list[_Sublayer]:
+        """The model's sublayers in order (each block's attention, then its FF), as the reversible stack runs them."""
+        subs = []
+        for i, block in enumerate(self.blocks):
+            c = None if cache is None else cache.layers[i]
+            subs.append(_Sublayer(block.attention_sublayer, [block.ln1, block.attn], c))
+            subs.append(_Sublayer(block.ff_sublayer, [block.ln2, block.ff, block.sru], c))
+        return subs
+
+    def _reversible_blocks(self, x: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+        """Both streams start as ``x``; each sublayer adds to one and the streams swap; the output is their mean.
+        Training keeps only the last streams (:class:`~sparse_tutorial.layers.reversible.ReversibleStack`);
+        ``memory_saving = False`` runs the same computation with ordinary autograd (the tests compare the two)."""
+        subs = self.reversible_sublayers(cache)
+        if self.memory_saving and cache is None:
+            a, b = ReversibleStack(subs)(x, x)
+        else:
+            a, b = reversible_forward(subs, x, x)
+        return (a + b) / 2                                              # (B, T, C)
+
+    #: with ``cfg.reversible``: rebuild activations in the backward pass (True) or keep them as usual (False)
+    memory_saving: bool = True
 
     # -- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
