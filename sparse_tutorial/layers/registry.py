@@ -22,6 +22,7 @@ from .._checks import positive_int
 from .attention import CausalSelfAttention
 from .base import FeedForward
 from .dense import DenseFF
+from .lsh import LSHSelfAttention
 from .moe import MoEFF
 from .pkm import ProductKeyMemory
 from .qkv import ConvQKVAttention, MultiplicativeAttention, resolve_qkv_modules
@@ -49,6 +50,13 @@ def _pkm(cfg) -> ProductKeyMemory:
                             dropout=cfg.dropout)
 
 
+def _lsh(cfg) -> LSHSelfAttention:
+    # the config's names in the messages (lsh_buckets=3), not the layer's (n_buckets=3)
+    hashes, window = positive_int("lsh_hashes", cfg.lsh_hashes), positive_int("lsh_window", cfg.lsh_window)
+    buckets = LSHSelfAttention.even_buckets("lsh_buckets", cfg.lsh_buckets)
+    return LSHSelfAttention(cfg.d_model, cfg.n_heads, hashes, buckets, window, cfg.dropout)
+
+
 #: ``ModelConfig.ff`` -> the feed-forward layer of every block (chapters 1-3, 5)
 FF_KINDS: dict[str, Factory] = {
     "dense": lambda cfg: DenseFF(cfg.d_model, cfg.d_ff, cfg.dropout),
@@ -64,6 +72,7 @@ QKV_KINDS: dict[str, Factory] = {
         cfg.d_model, cfg.n_heads, resolve_qkv_modules(cfg.d_model, cfg.qkv_modules), cfg.dropout),
     "conv": lambda cfg: ConvQKVAttention(
         cfg.d_model, resolve_qkv_modules(cfg.d_model, cfg.qkv_modules), length_kernel=3, dropout=cfg.dropout),
+    "lsh": _lsh,                                                                                      # chapter 7
 }
 
 
