@@ -113,3 +113,67 @@ def test_the_multiplicative_output_layer_has_the_formula_parameters_and_the_voca
 def test_bad_chapter_7_options_are_named(kw, needle):
     with pytest.raises(ValueError, match=needle):
         cfg(**kw)
+
+
+def test_terraformer_config_turns_every_part_on_and_accepts_overrides():
+    from sparse_tutorial.model import terraformer_config
+    c = terraformer_config(vocab_size=30, context_length=40)
+    assert (c.ff, c.qkv, c.reversible, c.vocab_size, c.context_length) == ("sparse", "lsh", True, 30, 40)
+    assert c.sru_dim and c.loss_modules
+    model = TransformerLM(c).eval()
+    idx = torch.randint(0, 30, (1, 12))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache()
+        steps = torch.cat([model(idx[:, :4], cache=cache)[0]] +
+                          [model(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 12)], 1)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
+
+
+def test_long_benchmarks_give_one_row_per_length_and_model(capsys, tmp_path):
+    import json
+
+    from sparse_tutorial import bench
+    att = bench.attention_lengths([16, 40], d_model=16, n_heads=2, window=8, repeats=1, progress=False)
+    assert att["T"].tolist() == [16, 40]
+    assert att["full scores MB"].iloc[1] == 4 * 2 * 40 * 41 / 2 / 1e6
+    assert att["LSH scores MB"].iloc[1] == 4 * 2 * 2 * 40 * 2 * 8 / 1e6
+    assert (att["LSH speed-up"] == att["full ms"] / att["LSH ms"]).all()
+    dec = bench.long_decode([8, 16], d_model=32, n_layers=1, new_tokens=2, repeats=1, progress=False)
+    assert dec["variant"].tolist() == list(bench.LONG_VARIANTS) * 2 and dec["P"].tolist() == [8] * 4 + [16] * 4
+    assert (dec[dec["variant"] == "dense"]["speed-up"] == 1).all()
+    assert bench.long_config("Terraformer").reversible and bench.long_config("LSH attention").qkv == "lsh"
+    with pytest.raises(ValueError, match="variant"):
+        bench.long_decode([8], ["gpu"])
+    status = bench.main(["long", "--context", "8", "--variants", "dense", "Terraformer", "--new-tokens", "1",
+                         "--repeats", "1", "--json", "--out-dir", str(tmp_path), "--threads", "1"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert status == 0 and [r["variant"] for r in rows] == ["dense", "Terraformer"]
+
+
+def test_long_context_study_helpers_read_their_numbers():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from sparse_tutorial.studies import long_context as lc
+    depth = lc.memory_by_depth([1, 2], batch=2, vocab_size=30, context_length=16, d_model=16, n_heads=2, d_ff=32,
+                               ff_block_size=8, ff="sparse")
+    assert depth["reversible / shallowest"].tolist() == [1.0, 1.0] and depth["ordinary / shallowest"].iloc[1] > 1.5
+    plt.close(lc.memory_figure(depth))
+    att = pd.DataFrame({"T": [64, 128, 256], "full ms": [1.0, 3.0, 9.0], "LSH ms": [2.0, 2.5, 3.0],
+                        "full scores MB": [1, 2, 3], "LSH scores MB": [1, 1, 1]})
+    att["LSH speed-up"] = att["full ms"] / att["LSH ms"]
+    assert lc.crossover_sentence(att).startswith("In this run LSH attention was faster than full attention "
+                                                 "from T = 128 on, and at every longer length measured")
+    slow = att.assign(**{"LSH speed-up": [0.5, 0.6, 0.7]})
+    assert "not faster than full attention at any length" in lc.crossover_sentence(slow)
+    for f in (lc.attention_scaling_figure(att), lc.attention_figure(att, 128)):
+        plt.close(f)
+    dec = pd.DataFrame({"P": [8, 8, 64, 64], "variant": ["dense", "T", "dense", "T"],
+                        "ms per token": [1.0, 0.5, 4.0, 0.5], "speed-up": [1.0, 2.0, 1.0, 8.0]})
+    assert lc.decode_sentences(dec) == ["In this run, T: 2.00x dense's speed per token after 8 tokens, 8.00x after 64."]
+    plt.close(lc.decode_figure(dec))
+    with pytest.raises(ValueError, match="label"):
+        lc.long_run_config("bert", 30)

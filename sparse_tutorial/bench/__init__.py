@@ -10,6 +10,8 @@
     python -m sparse_tutorial.bench threads                                    # 1 thread against 2, with spreads
     python -m sparse_tutorial.bench parts --shape 17b                          # one block, part by part
     python -m sparse_tutorial.bench train
+    python -m sparse_tutorial.bench attention --lengths 1024 4096 16384             # full against LSH attention
+    python -m sparse_tutorial.bench long --context 512 4096                     # decoding after a long prompt
     python -m sparse_tutorial.bench quant
 
 ``ff``, ``block`` and ``generate`` take ``--path pytorch|fused``: the sparse FF's decode in PyTorch calls or in
@@ -35,7 +37,7 @@ Method, the same everywhere:
 
 Modules, by what they measure: :mod:`.machine` (bandwidth), :mod:`.ff` (one FF layer), :mod:`.block` (one
 block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the gather/masked crossover),
-:mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.targets` (the
+:mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.long` (long sequences: attention by length, decoding after a long prompt), :mod:`.targets` (the
 chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side), :mod:`.parts` (one block part by part); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
@@ -47,6 +49,7 @@ from .ff import ff_kinds, ff_layer, ff_rows, ff_sweep
 from .ff import path_table as ff_path_table
 from .harness import DEFAULT_CSV_DIR, clock, clock_name, interleaved, num_threads, write_csv
 from .int8 import quant_bench
+from .long import LONG_VARIANTS, attention_lengths, long_config, long_decode
 from .machine import bandwidth
 from .paths import PATHS, available_paths, best_path
 from .targets import target_table
@@ -60,6 +63,6 @@ __all__ = [
     "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_kinds", "ff_sweep", "ff_rows", "block_config", "block_decode",
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
-    "write_csv", "target_table", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
+    "write_csv", "target_table", "LONG_VARIANTS", "attention_lengths", "long_config", "long_decode", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
     "block_bytes", "block_bytes_table", "bytes_verdicts",
 ]

@@ -18,6 +18,7 @@ from .block import BLOCK_SHAPES, BLOCK_VARIANTS, block_decode
 from .ff import ff_kinds, ff_layer
 from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
 from .int8 import quant_bench
+from .long import LONG_VARIANTS, attention_lengths, long_decode
 from .machine import bandwidth
 from .paths import PATHS, check_paths
 from .parts import block_parts
@@ -102,6 +103,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=pick(default=32, fast=8))
     s.add_argument("--context-length", type=int, default=pick(default=128, fast=64))
 
+    s = sub.add_parser("attention", parents=[common], help="one attention layer: full against LSH, by length")
+    s.add_argument("--lengths", type=int, nargs="+", default=None, help="default: 512 ... 16384 (fast: 128 ... 1024)")
+    s.add_argument("--window", type=int, default=32)
+    s.add_argument("--hashes", type=int, default=2)
+
+    s = sub.add_parser("long", parents=[common], help="whole models decoding after a long prompt (chapter 7)")
+    s.add_argument("--context", type=int, nargs="+", default=None, help="prompt lengths; default: 512 1024 2048 4096")
+    s.add_argument("--variants", nargs="+", default=list(LONG_VARIANTS), choices=list(LONG_VARIANTS))
+    s.add_argument("--new-tokens", type=int, default=None)
+
     s = sub.add_parser("quant", parents=[common], help="int8 weights vs sparse FF, per-token decode")
     s.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     s.add_argument("--d-model", type=int, default=384)
@@ -148,6 +159,13 @@ def _run(args) -> pd.DataFrame:
     if c == "train":
         return train_step(args.d_model, args.n_layers, batch_size=args.batch_size,
                           context_length=args.context_length, repeats=args.repeats, progress=False)
+    if c == "attention":
+        lengths = args.lengths or pick(default=[512, 1024, 2048, 4096, 8192, 16384], fast=[128, 256, 512, 1024])
+        return attention_lengths(lengths, window=args.window, n_hashes=args.hashes, repeats=args.repeats,
+                                 progress=False)
+    if c == "long":
+        return long_decode(args.context or pick(default=[512, 1024, 2048, 4096], fast=[64, 256]), args.variants,
+                           new_tokens=args.new_tokens, repeats=args.repeats, progress=False)
     if c == "quant":
         return quant_bench(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers, repeats=args.repeats,
                            progress=False)

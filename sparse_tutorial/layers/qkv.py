@@ -31,6 +31,7 @@ from .._checks import positive_int, probability
 from .attention import LayerCache, cached_attention, check_attention_input
 
 __all__ = [
+    "modules_near_sqrt",
     "MultiplicativeDense",
     "ModuleConv",
     "ConvQKVAttention",
@@ -88,6 +89,13 @@ def conv_qkv_params(d_model: int, n_modules: int, length_kernel: int = 3, module
 # --------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------
+
+
+def modules_near_sqrt(d_model: int) -> int:
+    """The divisor of ``d_model`` closest to ``sqrt(d_model)`` (the smaller one on a tie): a valid ``S``."""
+    positive_int("d_model", d_model)
+    divisors = [s for s in range(1, d_model + 1) if d_model % s == 0]
+    return min(divisors, key=lambda s: (abs(s - math.sqrt(d_model)), s))
 
 
 class MultiplicativeDense(nn.Module):

@@ -23,6 +23,7 @@ from ..layers.qkv import (
     MultiplicativeDense,
     conv_qkv_params,
     dense_qkv_params,
+    modules_near_sqrt,
     multiplicative_qkv_params,
 )
 from ..model import ModelConfig, TransformerLM
@@ -45,13 +46,6 @@ __all__ = [
 ]
 
 QKV_COLORS = {"dense": COLORS["dense"], "multiplicative": "#55A868", "conv": COLORS["sparse"]}
-
-
-def modules_near_sqrt(d_model: int) -> int:
-    """The divisor of ``d_model`` closest to ``sqrt(d_model)`` (the smaller one on a tie): a valid ``S``."""
-    positive_int("d_model", d_model)
-    divisors = [s for s in range(1, d_model + 1) if d_model % s == 0]
-    return min(divisors, key=lambda s: (abs(s - math.sqrt(d_model)), s))
 
 
 def qkv_macs(d_model: int, n_modules: int, kind: str) -> int:
