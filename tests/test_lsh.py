@@ -165,3 +165,16 @@ def test_bad_arguments_are_named(kw, needle):
 def test_bad_config_fields_are_named(field, value, needle):
     with pytest.raises(ValueError, match=needle):
         ModelConfig(d_model=16, n_heads=2, qkv="lsh", **{field: value})
+
+
+def test_a_decoding_step_reads_a_fixed_number_of_keys_whatever_the_context():
+    from sparse_tutorial.layers.lsh import _recent_index, _step_keys
+    torch.manual_seed(0)
+    for S in (50, 500):
+        buckets = torch.randint(0, 4, (1, 2, S, 3))                         # (B, H, S, R)
+        recent, count = _recent_index(buckets[:, :, :-1], 4, window=5)
+        index, keep = _step_keys(recent, count, buckets[:, :, -1], S - 1)
+        assert index.shape == (1, 2, 3 * 6)                                 # R (window + 1), not S
+        # the rebuilt index of all S positions equals the one updated step by step
+        again, n = _recent_index(buckets, 4, window=5)
+        assert torch.equal(again.sort(-1).values, recent.sort(-1).values) and torch.equal(n, count)

@@ -158,18 +158,43 @@ def _cached_mask(buckets: torch.Tensor, past: int, window: int) -> torch.Tensor:
     return (same & (between <= window)).any(dim=-1)
 
 
-def _step_keys(buckets: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys one new query (the last position) attends: at most ``R (window + 1)`` of the ``S``, not all of them.
+def _recent_index(buckets: torch.Tensor, n_buckets: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each bucket's most recent ``window + 1`` positions, for decoding in a time that does not grow with ``S``.
 
-    buckets: ``(B, H, S, R)`` of every position so far. In each round the query sees the most recent
-    ``window + 1`` positions of its bucket (itself included); the rounds' lists are merged and a key found twice
-    is kept once. Returns ``index`` ``(B, H, K)`` (sorted positions) and ``keep`` ``(B, H, K)`` (False: none or a
-    repeat), ``K = R * min(window + 1, S)``.
+    buckets: ``(B, H, S, R)`` of every cached position. Returns ``recent`` ``(B, H, R, n_buckets, window + 1)``
+    (positions, -1 where a bucket has fewer; position ``p`` of a bucket sits in slot ``rank(p) % (window + 1)``)
+    and ``count`` ``(B, H, R, n_buckets)`` (positions per bucket so far).
     """
-    S = buckets.shape[-2]
-    pos = torch.arange(S, device=buckets.device).unsqueeze(-1)                # (S, 1)
-    mine = torch.where(buckets == buckets[:, :, -1:], pos, -1)               # (B, H, S, R): -1 other buckets
-    index = mine.topk(min(window + 1, S), dim=-2).values.flatten(-2).sort(dim=-1).values   # (B, H, K)
+    B, H, S, R = buckets.shape
+    w1 = window + 1
+    b = buckets.transpose(2, 3)                                              # (B, H, R, S)
+    _, rank = _rank_in_bucket(b)                                             # (B, H, R, S)
+    count = torch.zeros(B, H, R, n_buckets, dtype=torch.long, device=b.device).scatter_add_(
+        -1, b, torch.ones_like(b))
+    last = rank >= count.gather(-1, b) - w1                                  # among its bucket's newest w + 1
+    recent = torch.full((B, H, R, n_buckets * w1), -1, dtype=torch.long, device=b.device)
+    pos = torch.arange(S, device=b.device).expand_as(b)
+    slot = torch.where(last, b * w1 + rank % w1, n_buckets * w1)             # the others go to a spare slot
+    recent = F.pad(recent, (0, 1)).scatter_(-1, slot, pos)[..., :-1]
+    return recent.view(B, H, R, n_buckets, w1), count
+
+
+def _step_keys(recent: torch.Tensor, count: torch.Tensor, new: torch.Tensor, position: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one new position (buckets ``new`` ``(B, H, R)``) to the index and return the keys it attends.
+
+    In each round the query sees the most recent ``window + 1`` positions of its bucket, itself included; the
+    rounds' lists are merged and a key found twice is kept once. Returns ``index`` ``(B, H, K)`` (sorted positions)
+    and ``keep`` ``(B, H, K)`` (False: none or a repeat), ``K = R (window + 1)``: the same work after 100 tokens
+    as after 100,000. ``recent`` and ``count`` are updated in place.
+    """
+    w1 = recent.shape[-1]
+    slot = count.gather(-1, new.unsqueeze(-1)) % w1                          # (B, H, R, 1)
+    flat = recent.flatten(-2)                                                # (B, H, R, n_buckets * w1), a view
+    flat.scatter_(-1, new.unsqueeze(-1) * w1 + slot, position)
+    count.scatter_add_(-1, new.unsqueeze(-1), torch.ones_like(slot))
+    mine = recent.gather(3, new[..., None, None].expand(-1, -1, -1, 1, w1))  # (B, H, R, 1, w1)
+    index = mine.flatten(2).sort(dim=-1).values                             # (B, H, R * w1)
     keep = index >= 0
     keep[..., 1:] &= index[..., 1:] != index[..., :-1]
     return index.clamp(min=0), keep
@@ -233,8 +258,16 @@ class LSHSelfAttention(nn.Module):
             stats: dict = {}
             y = lsh_attention(q, k, v, buckets, self.window, dropout_p, stats)
             self.last_score_shape = stats["score_shape"]
+            if cache is not None:                                            # a prefill: index it for decoding
+                cache.state["lsh_recent"], cache.state["lsh_count"] = _recent_index(every, self.n_buckets,
+                                                                                    self.window)
+                cache.state["lsh_index_length"] = T
         elif T == 1:                                                         # a decoding step: gather its keys
-            index, keep = _step_keys(every, self.window)                     # (B, H, K), K <= R (window + 1)
+            st = cache.state
+            if st.get("lsh_index_length") != past:                           # (re)build after a prefill or truncate
+                st["lsh_recent"], st["lsh_count"] = _recent_index(every[:, :, :past], self.n_buckets, self.window)
+            index, keep = _step_keys(st["lsh_recent"], st["lsh_count"], buckets[..., 0], past)  # (B, H, K)
+            st["lsh_index_length"] = past + 1
             at = index.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
             y = F.scaled_dot_product_attention(q, k_all.gather(2, at), v_all.gather(2, at),
                                                attn_mask=keep.unsqueeze(2), dropout_p=dropout_p)
