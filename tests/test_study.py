@@ -207,3 +207,19 @@ def test_image_config_passes_the_selection_options_to_the_layer():
     from sparse_tutorial.image_model import ImageConfig, ImageNet
     ff = ImageNet(ImageConfig(ff="sparse", hard_prob=1.0, scale_by_prob=True)).ff
     assert ff.hard_prob == 1.0 and ff.scale_by_prob
+
+
+def test_the_converted_lever_trains_dense_then_sparse_for_the_same_total_steps(tiny_study, monkeypatch):
+    calls = []
+    real = gap.train_lm
+
+    def counting(model, data, tc, **kw):
+        calls.append((model.cfg.ff, tc.steps))
+        return real(model, data, tc, **kw)
+    monkeypatch.setattr(gap, "train_lm", counting)
+    gap.main(["quality", "--grid", "levers", "--levers", "converted at 2/3, always hard", "--steps", "6",
+              "--seeds", "0", "--out", str(tiny_study)])
+    assert calls == [("dense", 4), ("sparse", 2)]
+    rows, _ = gap.read_study(tiny_study)
+    assert rows.iloc[0].lever == "converted at 2/3, always hard" and "convert_at" in rows.iloc[0].train_overrides
+    assert rows.iloc[0].ff == "sparse"

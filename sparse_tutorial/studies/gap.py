@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, convert
 from ..config import pick
 from ..data import load_tiny_shakespeare
 from ..image_model import ImageConfig, ImageNet, image_tensors, train_image_model
@@ -50,12 +50,18 @@ STUDY_CSV = Path(__file__).resolve().parents[2] / "results" / "quality_gap.csv"
 
 @dataclass(frozen=True)
 class Lever:
-    """One setting of the study: a name, the FF kind, and overrides of the model and training configs."""
+    """One setting of the study: a name, the FF kind, and overrides of the model and training configs.
+
+    ``convert_at`` (lever 7): train the dense model for this share of the steps, turn it into the sparse model
+    (:func:`sparse_tutorial.convert.dense_to_sparse`), and train that for the rest: the same total steps as a
+    sparse model trained from scratch.
+    """
 
     name: str
     ff: str = "sparse"
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+    convert_at: float | None = None
 
 
 #: Every lever, one change at a time from the book's sparse model (N 32, 30% hard calls, PyTorch init), then combined.
@@ -80,6 +86,7 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in [
     Lever("N 4, always hard, rank 16", model=dict(ff_block_size=4, ff_hard_prob=1.0, d_lowrank=16)),
     Lever("N 8, hard 0.3->1, ref init", model=dict(ff_block_size=8, ff_init="reference"),
           train=dict(hard_prob_final=1.0, hard_anneal_start=0.5)),
+    Lever("converted at 2/3, always hard", model=dict(ff_hard_prob=1.0), convert_at=2 / 3),
 ]}
 
 #: The grids: lists of lever names, or (for "width") levers built per model size.
@@ -181,17 +188,36 @@ def run_study(grid: str, steps: list[int], seeds: list[int], out: str | os.PathL
         cfg = book_config(lever.ff, vocab_size=len(data.vocab), **lever.model)
         tc = book_train_config(steps=n, seed=seed, **lever.train)
         torch.manual_seed(seed)
-        model = TransformerLM(cfg)
         t0 = time.perf_counter()
-        history = train_lm(model, data, tc, progress=False)
+        if lever.convert_at is None:
+            model = TransformerLM(cfg)
+            history = train_lm(model, data, tc, progress=False)
+        else:
+            model, history = _converted_run(lever, n, seed, data)
         last = history.iloc[-1]
+        train_overrides = lever.train if lever.convert_at is None else {**lever.train,
+                                                                        "convert_at": round(lever.convert_at, 3)}
         _append(out, dict(grid=grid, lever=lever.name, seed=seed, steps=n, ff=lever.ff, d_model=cfg.d_model,
                           d_ff=cfg.d_ff, block_size=cfg.ff_block_size, params=model.num_params(),
-                          model_overrides=repr(lever.model), train_overrides=repr(lever.train),
+                          model_overrides=repr(lever.model), train_overrides=repr(train_overrides),
                           train_loss=round(float(last.train_loss), 5), val_loss=round(float(last.val_loss), 5),
                           minutes=round((time.perf_counter() - t0) / 60, 2), machine=machine,
                           date=_dt.date.today().isoformat()), header)
     return read_study(out)[0]
+
+
+def _converted_run(lever: Lever, steps: int, seed: int, data) -> tuple[TransformerLM, pd.DataFrame]:
+    """Lever 7: ``convert_at * steps`` dense steps, the conversion, then the rest as the sparse model."""
+    n_dense = max(1, min(steps - 1, round(steps * lever.convert_at)))
+    torch.manual_seed(seed)
+    dense = TransformerLM(book_config("dense", vocab_size=len(data.vocab)))
+    train_lm(dense, data, book_train_config(steps=n_dense, seed=seed), progress=False)
+    block = lever.model.get("ff_block_size", book_config().ff_block_size)
+    overrides = {k: v for k, v in lever.model.items() if k != "ff_block_size"}
+    model = convert.dense_to_sparse(dense, data, block, **overrides)
+    history = train_lm(model, data, book_train_config(steps=steps - n_dense, seed=seed, **lever.train),
+                       progress=False)
+    return model, history
 
 
 def _dense_of(lever: str) -> str:
