@@ -102,7 +102,9 @@ def test_the_multiplicative_output_layer_has_the_formula_parameters_and_the_voca
     model = TransformerLM(cfg(loss_modules=s))
     padded = 32                                                        # 30 rounded up to a multiple of S = 4
     assert sum(p.numel() for p in model.head.parameters()) == s * d + d * (padded // s) + padded
-    assert model.head.weight is not model.tok_emb.weight if hasattr(model.head, "weight") else True
+    from sparse_tutorial.layers import MultiplicativeDense
+    assert isinstance(model.head, MultiplicativeDense)                  # not the tied dense head
+    assert isinstance(TransformerLM(cfg()).head, torch.nn.Linear)
     logits, _ = model(torch.randint(0, vocab, (2, 5)))
     assert logits.shape == (2, 5, vocab)
 

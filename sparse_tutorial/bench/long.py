@@ -45,11 +45,10 @@ def long_config(variant: str, *, d_model: int = 128, n_layers: int = 4, context_
     check_choice("variant", variant, LONG_VARIANTS)
     size = dict(d_model=positive("d_model", d_model), n_heads=max(1, d_model // 32), d_ff=4 * d_model,
                 n_layers=positive("n_layers", n_layers), context_length=positive("context_length", context_length),
-                vocab_size=vocab_size, ff_block_size=32, dropout=0.0, sru_dim=32, loss_modules=4)
+                vocab_size=vocab_size, ff_block_size=32, dropout=0.0)
     kw = dict(LONG_VARIANTS[variant])
-    if kw.pop("terraformer", False):
-        return terraformer_config(**size)
-    size.pop("sru_dim"), size.pop("loss_modules")
+    if kw.pop("terraformer", False):                 # SRU width and S at the book's values whatever the run size
+        return terraformer_config(**size, sru_dim=32, loss_modules=4)
     if kw.get("qkv") == "conv":
         kw["qkv_modules"] = modules_near_sqrt(d_model)
     return book_config(**{**size, **kw})

@@ -19,13 +19,12 @@ from ..layers.qkv import modules_near_sqrt
 from ..measure.memory import saved_activation_bytes
 from ..model import ModelConfig, TransformerLM, book_config, terraformer_config
 from ..train import TrainConfig, book_train_config
-from .plots import COLORS
+from .plots import COLORS, PALETTE
 
 __all__ = ["memory_by_depth", "memory_by_length", "memory_figure", "attention_figure", "attention_scaling_figure",
            "decode_figure", "crossover_sentence", "decode_sentences", "LONG_RUNS", "long_run_config",
            "train_config_long"]
 
-PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#8172B3", "#C44E52", "#937860"]
 
 
 def _memory(cfg: ModelConfig, batch: int) -> int:

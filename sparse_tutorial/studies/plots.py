@@ -10,9 +10,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-__all__ = ["COLORS", "style", "param_split_figure", "roofline_figure", "per_token_figure", "batch_panel"]
+__all__ = ["COLORS", "PALETTE", "style", "param_split_figure", "roofline_figure", "per_token_figure", "batch_panel"]
 
 #: One colour per concept, the same in every chapter.
+#: colours for a series of lines or bars, in order (the first two are COLORS' dense and sparse)
+PALETTE = ["#DD8452", "#4C72B0", "#55A868", "#8172B3", "#C44E52", "#937860"]
+
 COLORS = {
     "attention": "#4C72B0",
     "ff": "#DD8452",

@@ -12,9 +12,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..model import ModelConfig, TransformerLM
-from .plots import COLORS
+from .plots import COLORS, PALETTE
 
-PALETTE = ["#DD8452", "#4C72B0", "#55A868", "#8172B3", "#C44E52", "#937860"]
 
 __all__ = ["KINDS", "DESIGNS", "design_table", "plot_stored_vs_read", "quality_table", "decode_figure",
            "layer_width_figure", "layer_width_verdicts", "seed_findings"]
