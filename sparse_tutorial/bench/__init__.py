@@ -6,6 +6,7 @@
     python -m sparse_tutorial.bench ff --kind sparse moe pkm --d-model 512 2048  # every FF kind against dense
     python -m sparse_tutorial.bench block --shape 800m 17b
     python -m sparse_tutorial.bench generate --batch-sizes 1 8 64
+    python -m sparse_tutorial.bench generate --engine pytorch onnxruntime        # the same models in ONNX Runtime
     python -m sparse_tutorial.bench crossover                                  # where the gather path stops paying
     python -m sparse_tutorial.bench threads                                    # 1 thread against 2, with spreads
     python -m sparse_tutorial.bench parts --shape 17b                          # one block, part by part
@@ -37,7 +38,7 @@ Method, the same everywhere:
 
 Modules, by what they measure: :mod:`.machine` (bandwidth), :mod:`.ff` (one FF layer), :mod:`.block` (one
 block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the gather/masked crossover),
-:mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.long` (long sequences: attention by length, decoding after a long prompt), :mod:`.targets` (the
+:mod:`.engines` (decoding in PyTorch and in ONNX Runtime), :mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.long` (long sequences: attention by length, decoding after a long prompt), :mod:`.targets` (the
 chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side), :mod:`.parts` (one block part by part); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
@@ -45,6 +46,7 @@ from .block import block_bytes, bytes_verdicts, main_rows
 from .block import bytes_table as block_bytes_table
 from .block import path_table as block_path_table
 from .cli import main
+from .engines import ENGINES, bytes_floor, engine_generate
 from .ff import ff_kinds, ff_layer, ff_rows, ff_sweep
 from .ff import path_table as ff_path_table
 from .harness import DEFAULT_CSV_DIR, clock, clock_name, interleaved, num_threads, write_csv
@@ -64,5 +66,5 @@ __all__ = [
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
     "write_csv", "target_table", "LONG_VARIANTS", "attention_lengths", "long_config", "long_decode", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
-    "block_bytes", "block_bytes_table", "bytes_verdicts",
+    "block_bytes", "block_bytes_table", "bytes_verdicts", "ENGINES", "engine_generate", "bytes_floor",
 ]

@@ -15,6 +15,7 @@ from ..config import pick
 from ..layers.registry import FF_KINDS
 from ..measure.timing import machine_info
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, block_decode
+from .engines import ENGINES, engine_generate
 from .ff import ff_kinds, ff_layer
 from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
 from .int8 import quant_bench
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", nargs="+", default=list(MODEL_VARIANTS), choices=list(all_variants()),
                    help="chapter 5's variants by default; every registered FF kind is one too, e.g. 'moe FF'")
     s.add_argument("--sparse-decode-max-rows", type=int, default=None)
+    s.add_argument("--engine", nargs="+", default=["pytorch"], choices=list(ENGINES),
+                   help="'onnxruntime' exports each model's decoding step to ONNX and times it in ONNX Runtime "
+                        "beside PyTorch, checking every step's logits against PyTorch (one batch size; the "
+                        "'fused' path is PyTorch's only)")
 
     s = sub.add_parser("threads", parents=[common, path],
                        help="1 thread against 2 (wall time, median and quartiles): FF layer and block")
@@ -143,6 +148,15 @@ def _run(args) -> pd.DataFrame:
     if c == "block":
         return pd.concat([block_decode(s, args.variants, cache_len=args.cache_len, repeats=args.repeats,
                                        progress=False, paths=args.paths) for s in args.shape], ignore_index=True)
+    if c == "generate" and args.engine != ["pytorch"]:
+        batches = args.batch_sizes or [1]
+        if len(batches) != 1 or args.sparse_decode_max_rows is not None:
+            raise ValueError(f"--engine onnxruntime times one batch size with the models' own decode rule; got "
+                             f"batch sizes {batches}, sparse_decode_max_rows={args.sparse_decode_max_rows}")
+        return engine_generate(args.variants, engines=args.engine, batch=batches[0], d_model=args.d_model,
+                               n_layers=args.n_layers, prompt_len=args.prompt_len or pick(default=100, fast=32),
+                               new_tokens=args.new_tokens or pick(default=20, fast=8),
+                               repeats=args.repeats or pick(default=5, fast=2), progress=False)
     if c == "generate":
         return generate_bench(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, variants=args.variants,

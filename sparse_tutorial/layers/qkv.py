@@ -233,14 +233,18 @@ class ConvQKVAttention(nn.Module):
         ``mk`` modules), bias ``(3M,)``. Rebuilt only when a weight changes (training, loading)."""
         convs = [c.conv for c in (self.conv_q, self.conv_k, self.conv_v)]
         weights = [t for c in convs for t in (c.weight, c.bias)]
-        # Tensors made under torch.inference_mode() have no version counter: then nothing is cached (rebuilt).
-        key = None if any(t.is_inference() for t in weights) else tuple((t.data_ptr(), t._version) for t in weights)
+        # Tensors made under torch.inference_mode() have no version counter, and a traced graph (torch.export,
+        # the ONNX export) has no data pointers: then nothing is cached (rebuilt).
+        untracked = torch.compiler.is_compiling() or any(t.is_inference() for t in weights)
+        key = None if untracked else tuple((t.data_ptr(), t._version) for t in weights)
         cached = getattr(self, "_merged", None)
         if key is None or cached is None or cached[0] != key:
             mk = max(c.weight.shape[-1] for c in convs)
             w = torch.cat([F.pad(c.weight, ((mk - c.weight.shape[-1]) // 2,) * 2) for c in convs]).detach()
             b = torch.cat([c.bias for c in convs]).detach()
-            cached = self._merged = (key, w, b)
+            cached = (key, w, b)
+            if not torch.compiler.is_compiling():                          # a traced graph keeps no attribute
+                self._merged = cached
         return cached[1], cached[2]
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:

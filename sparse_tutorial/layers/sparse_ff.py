@@ -434,7 +434,9 @@ class SparseFF(FeedForward):
         self.__dict__["last_decode_path"] = "pytorch"
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_model)                               # (B, d)
-        if xf.shape[0] == 1:                                           # one token: matrix-vector products
+        # One token: matrix-vector products (fewest calls in eager PyTorch). A traced graph (torch.export, the
+        # ONNX export) takes the general path below, whose matrix-matrix products other engines run faster.
+        if xf.shape[0] == 1 and not torch.compiler.is_compiling():
             v = xf[0]                                                  # (d,)
             ctrl = self.controller
             if isinstance(ctrl, LowRankController) and type(ctrl.c1) is nn.Linear and type(ctrl.c2) is nn.Linear:
@@ -483,8 +485,9 @@ class SparseFF(FeedForward):
         than one ``index_select`` of all rows when the weights are cold). Each thread has its own buffer, so
         threads may decode with one layer at the same time.
         """
-        if torch.is_grad_enabled() and (self.w1.requires_grad or v.requires_grad):
-            return torch.mv(self.w1.index_select(0, idx), v)          # autograd cannot record out= calls
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (self.w1.requires_grad or v.requires_grad)):
+            # autograd cannot record out= calls, and a traced graph (torch.export, ONNX) keeps no scratch buffer
+            return torch.mv(self.w1.index_select(0, idx), v)
         n, d = idx.shape[0], self.d_model
         rows = max(1, min(n, self.GATHER_CHUNK_BYTES // (d * self.w1.element_size())))
         buffers = self.__dict__.setdefault("_w1_rows", {})            # thread id -> (rows, d) scratch

@@ -1,0 +1,146 @@
+"""``bench generate --engine pytorch onnxruntime``: the whole-model decoding of :mod:`.whole_model` in eager
+PyTorch and in ONNX Runtime (:mod:`sparse_tutorial.onnx_engine`), side by side.
+
+The same models (same seed, random weights) decode the same prompt greedily in both engines, round-robin.
+Every step's logits in ONNX Runtime are compared with PyTorch's, so a speed-up is never bought with a wrong
+answer. Ratios are taken within one engine (``dense / variant``) and against the faster of the two dense
+models: if ONNX Runtime runs the dense model faster than PyTorch, that is the honest baseline.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .. import onnx_engine
+from ..measure.timing import spread
+from ..model import TransformerLM
+from .harness import check_choice, check_counts, clock, free_memory, machine_columns, positive
+from .paths import best_path, sparse_ff_layers
+from .whole_model import MODEL_VARIANTS, Generation, all_variants, build_model, model_config
+
+__all__ = ["ENGINES", "engine_generate", "bytes_floor"]
+
+#: the engines ``generate`` can time
+ENGINES = ("pytorch", "onnxruntime")
+
+
+class _OnnxGeneration:
+    """:class:`~.whole_model.Generation` in ONNX Runtime: greedy decoding, the per-token steps timed."""
+
+    def __init__(self, decoder: onnx_engine.OnnxDecoder, prompt: torch.Tensor, new_tokens: int):
+        self.decoder, self.prompt, self.new_tokens = decoder, prompt.numpy(), new_tokens
+        self.per_token: list[float] = []
+        self.logits: list[np.ndarray] = []           # the last generation's logits, prompt and every step
+
+    def __call__(self):
+        _, self.logits = self.decoder.generate(self.prompt, self.new_tokens + 1, clock=clock())
+        self.per_token.append(statistics.fmean(self.decoder.per_token))
+
+
+def _pytorch_logits(model, prompt: torch.Tensor, new_tokens: int) -> list[np.ndarray]:
+    """PyTorch's logits at the last position after the prompt and after each greedy step (with the cache)."""
+    cache, out = model.new_cache(), []
+    with torch.inference_mode():
+        logits, _ = model(prompt, cache=cache)
+        for _ in range(new_tokens + 1):
+            out.append(logits[:, -1].numpy())
+            if len(out) > new_tokens:
+                break
+            logits, _ = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
+    return out
+
+
+def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines: Sequence[str] = ENGINES,
+                    batch: int = 1, d_model: int = 384, n_layers: int = 6, prompt_len: int = 100,
+                    new_tokens: int = 20, context_length: int = 256, qkv_modules: int = 16,
+                    repeats: int = 5, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
+    """Per-token greedy decode time of each variant in each engine, with the check against PyTorch.
+
+    Columns: ``decode µs per token`` (median over ``repeats`` generations of the mean step), its
+    ``decode IQR / median``, ``speed-up (dense / variant)`` within the engine, ``speed-up vs fastest dense``
+    (the faster dense engine over this row), and ``max |logit diff|`` against PyTorch over the prompt and
+    every step (0 for PyTorch itself). The sparse FF layers run the best PyTorch path here
+    (:func:`.paths.best_path`); the ONNX graphs use the PyTorch reference (:meth:`SparseFF.decode`).
+    """
+    variants, engines = list(variants), list(engines)
+    for v in variants:
+        check_choice("variant", v, all_variants())
+    if not engines or len(set(engines)) != len(engines):
+        raise ValueError(f"engines must be a non-empty list without repeats, got engines={engines}")
+    for e in engines:
+        check_choice("engine", e, ENGINES)
+    if "onnxruntime" in engines and not onnx_engine.available():
+        raise ValueError(f"engine='onnxruntime' is not available here: {onnx_engine.unavailable_reason()}")
+    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        positive(name, value)
+    if prompt_len + new_tokens + 1 > context_length:
+        raise ValueError(f"prompt_len + new_tokens + 1 must fit in context_length={context_length}, got "
+                         f"prompt_len={prompt_len}, new_tokens={new_tokens}")
+    check_counts(repeats, warmup)
+    torch.manual_seed(0)
+    models = {v: build_model(v, d_model, n_layers, context_length, qkv_modules, None) for v in variants}
+    prompt = torch.randint(0, models[variants[0]].cfg.vocab_size, (batch, prompt_len))
+    runs, errors = {}, {}
+    for v, m in tqdm(models.items(), desc="export", disable=not progress or "onnxruntime" not in engines):
+        if "pytorch" in engines:
+            runs[(v, "pytorch")] = Generation(m, prompt, new_tokens, best_path() if sparse_ff_layers(m) else None)
+            errors[(v, "pytorch")] = 0.0
+        if "onnxruntime" in engines:
+            decoder = onnx_engine.export_decoder(m, batch=batch, threads=torch.get_num_threads())
+            run = runs[(v, "onnxruntime")] = _OnnxGeneration(decoder, prompt, new_tokens)
+            run()
+            ref = _pytorch_logits(m, prompt, new_tokens)
+            errors[(v, "onnxruntime")] = max(float(np.abs(a - b).max()) for a, b in zip(run.logits, ref))
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for r in runs.values():
+                r()
+        for r in runs.values():
+            r.per_token.clear()
+        for _ in tqdm(range(repeats), desc="decode", disable=not progress):
+            for r in runs.values():
+                r()
+    med = {k: statistics.median(r.per_token) for k, r in runs.items()}
+    dense = {e: med[("dense", e)] for e in engines if ("dense", e) in med}
+    rows = []
+    for (v, e), t in med.items():
+        row = {"variant": v, "engine": e, "batch": batch, "d_model": d_model, "n_layers": n_layers,
+               "context_length": context_length, "prompt_len": prompt_len, "new_tokens": new_tokens,
+               "decode µs per token": t * 1e6 / batch, "decode IQR / median": spread(runs[(v, e)].per_token),
+               "max |logit diff|": errors[(v, e)]}
+        if e in dense:
+            row["speed-up (dense / variant)"] = dense[e] / t
+        if dense:
+            row["speed-up vs fastest dense"] = min(dense.values()) / t
+        rows.append({**row, **machine_columns()})
+    del models, runs
+    free_memory()
+    return pd.DataFrame(rows)
+
+
+def bytes_floor(df: pd.DataFrame, read_gbps: float) -> pd.DataFrame:
+    """Each engine's dense decode time per token against its bytes floor, from :func:`engine_generate`'s table.
+
+    The floor is the time to read, at ``read_gbps`` (``bench bandwidth``'s "sum (read)"), what a dense step must
+    read: every float32 weight once, and the keys and values cached so far (their mean over the timed steps).
+    Columns: ``engine``, ``dense µs per token``, ``floor µs``, ``time / floor`` (1 is the limit).
+    """
+    if not read_gbps > 0:
+        raise ValueError(f"read_gbps must be a positive number of GB/s, got read_gbps={read_gbps!r}")
+    rows = []
+    for _, r in df[df["variant"] == "dense"].iterrows():
+        with torch.device("meta"):                                    # shapes only: nothing is allocated
+            weights = 4 * TransformerLM(model_config("dense", int(r["d_model"]), int(r["n_layers"]),
+                                                     context_length=int(r["context_length"]))).num_params()
+        cached = r["prompt_len"] + (r["new_tokens"] + 1) / 2          # mean positions read per timed step
+        kv = 4 * 2 * r["n_layers"] * cached * r["d_model"] * r["batch"]
+        floor = (weights + kv) / (read_gbps * 1e9) / r["batch"]
+        rows.append({"engine": r["engine"], "dense µs per token": r["decode µs per token"],
+                     "MB read per step": (weights + kv) / 1e6, "floor µs": floor * 1e6,
+                     "time / floor": r["decode µs per token"] / (floor * 1e6)})
+    return pd.DataFrame(rows)
