@@ -43,7 +43,23 @@ def test_study_command_writes_provenance_and_rows_then_resumes(tiny_study, capsy
     assert tiny_study.stat().st_mtime_ns == mtime
     gap.main(argv[:-2] + ["--seeds", "2", "--out", str(tiny_study)])  # a new seed: only its two runs
     rows, header2 = gap.read_study(tiny_study)
-    assert len(rows) == 6 and header2 == header
+    assert len(rows) == 6 and header2[:5] == header               # the first command's provenance stays
+    assert [line.split(":")[0] for line in header2[5:]] == ["command", "date"]
+    assert header2[5].endswith("--seeds 2 --out " + str(tiny_study))   # the second command is listed too
+    gap.main(argv[:-2] + ["--seeds", "2", "--out", str(tiny_study)])
+    assert gap.read_study(tiny_study)[1] == header2                 # nothing new to train: no new line
+    assert rows.val_loss.notna().all()
+
+
+def test_provenance_caption_names_one_command_or_counts_several():
+    one = ["command: python -m sparse_tutorial.studies quality --steps 4", "machine: M", "date: 2026-01-02T10:00",
+           "version: v"]
+    assert gap.provenance_caption(one) == ("recorded by `python -m sparse_tutorial.studies quality --steps 4` on M, "
+                                           "2026-01-02 (v)")
+    two = one + ["command: python -m sparse_tutorial.studies quality --steps 8", "date: 2026-01-05T09:00"]
+    assert gap.provenance_caption(two) == (
+        "recorded by 2 commands (listed at the top of the CSV), the first "
+        "`python -m sparse_tutorial.studies quality --steps 4`, on M, 2026-01-02 to 2026-01-05 (v)")
 
 
 def test_gap_table_compares_each_seed_with_its_own_dense_run():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import math
 import os
 import platform
@@ -151,17 +152,28 @@ def _read_csv(path: Path, key: tuple[str, ...], kind: str) -> pd.DataFrame:
 
 
 def _append(path: Path, row: dict, header: list[str]) -> None:
-    """Append one row; a new file gets the provenance lines and the column names first (written atomically)."""
+    """Append one row; a new file gets the provenance lines and the column names first (written atomically).
+
+    An existing file written by other commands first gets this command's ``command`` and ``date`` lines added to
+    its provenance (rewritten atomically), so the top of the file lists every command that added rows.
+    """
     frame = pd.DataFrame([row])
     if path.is_file() and path.stat().st_size:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        top = sum(1 for _ in itertools.takewhile(lambda line: line.startswith("#"), lines))
+        if f"# {header[0]}\n" not in lines[:top]:
+            new = [f"# {line}\n" for line in header if line.startswith(("command: ", "date: "))]
+            _write_atomically(path, lines[:top] + new + lines[top:])
         with path.open("a", encoding="utf-8") as f:
             frame.to_csv(f, header=False, index=False)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, [f"# {line}\n" for line in header] + [frame.to_csv(index=False)])
+
+
+def _write_atomically(path: Path, chunks: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(f"# {line}\n" for line in header)
-        frame.to_csv(f, index=False)
+    tmp.write_text("".join(chunks), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -269,10 +281,17 @@ def smallest_meeting(table: pd.DataFrame, column: str, *, target: float = 2.0) -
 
 
 def provenance_caption(header: list[str]) -> str:
-    """"recorded by `<command>` on <machine>, <date>" from a study's provenance lines."""
-    info = dict(line.split(": ", 1) for line in header if ": " in line)
-    return (f"recorded by `{info.get('command', '?')}` on {info.get('machine', '?')}, "
-            f"{info.get('date', '?')[:10]} ({info.get('version', '?')})")
+    """"recorded by `<command>` on <machine>, <date>" from a study's provenance lines; a file that several
+    commands added to says how many, names the first, and gives the range of dates."""
+    info: dict[str, str] = {}
+    for key, value in (line.split(": ", 1) for line in header if ": " in line):
+        info.setdefault(key, value)                                             # the first value of each
+    commands = [line for line in header if line.startswith("command: ")]
+    dates = sorted(line.split(": ", 1)[1][:10] for line in header if line.startswith("date: ")) or ["?"]
+    when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    who = (f"`{info.get('command', '?')}`" if len(commands) < 2 else
+           f"{len(commands)} commands (listed at the top of the CSV), the first `{info['command']}`,")
+    return f"recorded by {who} on {info.get('machine', '?')}, {when} ({info.get('version', '?')})"
 
 
 def plot_levers(table: pd.DataFrame, *, ax=None, title: str = ""):
