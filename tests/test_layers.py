@@ -113,6 +113,22 @@ def test_gumbel_noise_scale_zero_picks_the_argmax():
     assert torch.equal(m.detach().argmax(-1), ff.block_logits(x).argmax(-1))
 
 
+def test_the_training_draw_samples_softmax_of_logits_over_the_noise_scale():
+    """The draw inverts the in-block CDF of softmax(logits / noise_scale) with one uniform number per block."""
+    ff = SparseFF(4, 8, 4, hard_prob=1.0, noise_scale=0.5)
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 2.0, 0.0]]).expand(40000, 2, 4)
+    torch.manual_seed(0)
+    choice = ff._sample(logits)                                          # (40000, 2)
+    q = torch.softmax(logits[0] / 0.5, dim=-1)                           # (2, 4)
+    freq = torch.stack([torch.bincount(choice[:, b], minlength=4) for b in range(2)]) / 40000
+    assert (freq - q).abs().max() < 5 * (0.25 / 40000) ** 0.5           # 5 standard deviations at most
+    torch.manual_seed(0)                                                 # the same draws as counting cdf < u
+    cdf = torch.softmax(logits / 0.5, dim=-1).cumsum(-1)
+    u = torch.rand(40000, 2, 1)
+    counted = (cdf < u).sum(-1).clamp_max(3)
+    assert (counted == choice).float().mean() > 0.999                    # cumsum and matmul round differently
+
+
 def test_unselected_units_get_no_gradient_through_w1_with_hard_mask():
     ff = SparseFF(8, 32, 8, hard_prob=1.0).train()
     x = torch.randn(1, 8)

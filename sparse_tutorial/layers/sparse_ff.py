@@ -284,7 +284,8 @@ class SparseFF(FeedForward):
         if not use_hard:
             return p
         choice = self._sample(logits.detach())                         # (..., n_blocks)
-        hard = F.one_hot(choice, self.block_size).to(p.dtype)
+        # the one-hot mask written straight into a float tensor (F.one_hot makes int64, then a copy)
+        hard = torch.zeros_like(p).scatter_(-1, choice.unsqueeze(-1), 1.0)
         if self.scale_by_prob:                  # value: p at the chosen unit; gradient: through that p
             return hard * p
         return _StraightThrough.apply(hard, p)  # value: one-hot; gradient: through the in-block softmax
@@ -303,7 +304,8 @@ class SparseFF(FeedForward):
         upper = torch.ones(self.block_size, self.block_size, dtype=q.dtype, device=q.device).triu()
         cdf = q @ upper                                  # cdf[..., j] = q[..., :j+1].sum(): a cumsum as one matmul
         u = torch.rand(cdf.shape[:-1] + (1,), dtype=cdf.dtype, device=cdf.device)
-        return (cdf < u).sum(dim=-1).clamp_max(self.block_size - 1)
+        # the first unit whose cdf reaches u (the count of cdf < u, without a bool tensor and its int64 sum)
+        return torch.searchsorted(cdf, u).squeeze(-1).clamp_max_(self.block_size - 1)
 
     # -- the dense-compute path (training and eval) -------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
