@@ -467,7 +467,11 @@ class SparseFF(FeedForward):
             act = F.linear(xf, self.w1).gather(1, idx).relu_()        # (B, d_ff) -> (B, n_blocks)
         if self.scale_by_prob:
             act = act * self._chosen_prob(logits, idx)
-        y = F.embedding_bag(idx, self.w2, per_sample_weights=act, mode="sum")  # (B, d)
+        if torch.compiler.is_compiling():
+            # ONNX has no embedding_bag (the exporter writes a loop over the tokens): gather, one batched product
+            y = torch.bmm(act.unsqueeze(1), F.embedding(idx, self.w2)).squeeze(1)  # (B, d)
+        else:
+            y = F.embedding_bag(idx, self.w2, per_sample_weights=act, mode="sum")  # (B, d)
         return y.add_(self.b2).reshape(*lead, self.d_model)
 
     def _chosen_prob(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
