@@ -183,3 +183,12 @@ def test_target_table_takes_the_better_engine():
     assert [r["measured"] for r in rows.values()] == ["2.00", "3.00", "1.20"]
     assert [r["met"] for r in rows.values()] == ["NO", "NO", "yes"]
     assert set(bench.target_table().set_index("target").loc[list(rows), "met"]) == {"not run"}
+
+
+def test_engine_bench_times_the_pytorch_path_it_is_given():
+    df = engine_generate(["sparse FF"], engines=["pytorch"], d_model=64, n_layers=1, prompt_len=4, new_tokens=2,
+                         context_length=16, repeats=1, warmup=0, progress=False, path="pytorch")
+    assert list(df["engine"]) == ["pytorch"] and list(df["step path"]) == ["pytorch"]
+    with pytest.raises(ValueError, match="path"):
+        engine_generate(["dense"], engines=["pytorch"], d_model=64, n_layers=1, prompt_len=4, new_tokens=2,
+                        context_length=16, repeats=1, warmup=0, progress=False, path="cuda")

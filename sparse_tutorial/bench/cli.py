@@ -156,7 +156,8 @@ def _run(args) -> pd.DataFrame:
         return engine_generate(args.variants, engines=args.engine, batch=batches[0], d_model=args.d_model,
                                n_layers=args.n_layers, prompt_len=args.prompt_len or pick(default=100, fast=32),
                                new_tokens=args.new_tokens or pick(default=20, fast=8),
-                               repeats=args.repeats or pick(default=5, fast=2), progress=False)
+                               repeats=args.repeats or pick(default=5, fast=2), progress=False,
+                               path=args.paths[0])
     if c == "generate":
         return generate_bench(args.batch_sizes, d_model=args.d_model, n_layers=args.n_layers,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, variants=args.variants,

@@ -20,7 +20,7 @@ from .. import onnx_engine
 from ..measure.timing import spread
 from ..model import TransformerLM
 from .harness import check_choice, check_counts, clock, free_memory, machine_columns, positive
-from .paths import best_path, sparse_ff_layers
+from .paths import check_paths, sparse_ff_layers
 from .whole_model import MODEL_VARIANTS, Generation, all_variants, build_model, model_config
 
 __all__ = ["ENGINES", "engine_generate", "bytes_floor"]
@@ -58,15 +58,17 @@ def _pytorch_logits(model, prompt: torch.Tensor, new_tokens: int) -> list[np.nda
 def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines: Sequence[str] = ENGINES,
                     batch: int = 1, d_model: int = 384, n_layers: int = 6, prompt_len: int = 100,
                     new_tokens: int = 20, context_length: int = 256, qkv_modules: int = 16,
-                    repeats: int = 5, warmup: int = 1, progress: bool = True) -> pd.DataFrame:
+                    repeats: int = 5, warmup: int = 1, progress: bool = True,
+                    path: str | None = None) -> pd.DataFrame:
     """Per-token greedy decode time of each variant in each engine, with the check against PyTorch.
 
     Columns: ``decode µs per token`` (median over ``repeats`` generations of the mean step), its
     ``decode IQR / median``, ``speed-up (dense / variant)`` within the engine, ``speed-up vs fastest dense``
     (the faster dense engine over this row), and ``max |logit diff|`` against PyTorch over the prompt and
-    every step (0 for PyTorch itself). The sparse FF layers run the best PyTorch path here
-    (:func:`.paths.best_path`); the ONNX graphs use the PyTorch reference (:meth:`SparseFF.decode`).
+    every step (0 for PyTorch itself). In PyTorch the sparse FF layers decode by ``path`` (:mod:`.paths`; default
+    the best available); the ONNX graphs trace the PyTorch reference (:meth:`SparseFF.decode`).
     """
+    path = check_paths(path)[0]
     variants, engines = list(variants), list(engines)
     for v in variants:
         check_choice("variant", v, all_variants())
@@ -88,7 +90,7 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
     runs, errors = {}, {}
     for v, m in tqdm(models.items(), desc="export", disable=not progress or "onnxruntime" not in engines):
         if "pytorch" in engines:
-            runs[(v, "pytorch")] = Generation(m, prompt, new_tokens, best_path() if sparse_ff_layers(m) else None)
+            runs[(v, "pytorch")] = Generation(m, prompt, new_tokens, path if sparse_ff_layers(m) else None)
             errors[(v, "pytorch")] = 0.0
         if "onnxruntime" in engines:
             decoder = onnx_engine.export_decoder(m, batch=batch, threads=torch.get_num_threads())
@@ -112,7 +114,8 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
         row = {"variant": v, "engine": e, "batch": batch, "d_model": d_model, "n_layers": n_layers,
                "context_length": context_length, "prompt_len": prompt_len, "new_tokens": new_tokens,
                "decode µs per token": t * 1e6 / batch, "decode IQR / median": spread(runs[(v, e)].per_token),
-               "max |logit diff|": errors[(v, e)]}
+               "max |logit diff|": errors[(v, e)],
+               "step path": getattr(runs[(v, e)], "step_path", None)}         # the sparse FF's, in PyTorch
         if e in dense:
             row["speed-up (dense / variant)"] = dense[e] / t
         if dense:
