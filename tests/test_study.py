@@ -109,7 +109,7 @@ def test_hard_share_schedule_anneals_then_restores():
 
 
 def test_train_lm_applies_the_schedule_and_keeps_the_configured_share(tiny_text, monkeypatch):
-    cfg = book_config("sparse", vocab_size=len(tiny_text.vocab))
+    cfg = book_config("sparse", vocab_size=len(tiny_text.vocab), ff_hard_prob=0.3)   # the reference's mix
     model = TransformerLM(cfg)
     seen = []
     original = SparseFF.forward
