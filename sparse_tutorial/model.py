@@ -105,7 +105,7 @@ class ModelConfig:
 #: (one-hot) mask on every training call, where the reference mixes 30% hard calls with 70% soft ones. Training
 #: then computes what evaluation computes. Chapter 3's "Closing the gap" prints the recorded comparison
 #: (``python -m sparse_tutorial.studies quality``, levers "sparse" and "always hard"): the hard mask on every call
-#: came closer to dense at every length recorded.
+#: came closer to dense at every length recorded (one seed each, by 1.5 points at 400 steps, 0.6 at 1500).
 BOOK_RECIPE = dict(ff_hard_prob=1.0)
 
 
