@@ -491,9 +491,8 @@ class SparseFF(FeedForward):
         than one ``index_select`` of all rows when the weights are cold). Each thread has its own buffer, so
         threads may decode with one layer at the same time.
         """
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (self.w1.requires_grad or v.requires_grad)):
-            # autograd cannot record out= calls, and a traced graph (torch.export, ONNX) keeps no scratch buffer
-            return torch.mv(self.w1.index_select(0, idx), v)
+        if torch.is_grad_enabled() and (self.w1.requires_grad or v.requires_grad):
+            return torch.mv(self.w1.index_select(0, idx), v)          # autograd cannot record out= calls
         n, d = idx.shape[0], self.d_model
         rows = max(1, min(n, self.GATHER_CHUNK_BYTES // (d * self.w1.element_size())))
         buffers = self.__dict__.setdefault("_w1_rows", {})            # thread id -> (rows, d) scratch
