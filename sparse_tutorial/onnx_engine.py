@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -154,8 +155,6 @@ class OnnxDecoder:
         """Greedy continuation of ``idx`` (numpy int64 ``(B, T0)``) by ``max_new_tokens`` tokens, with the
         time of each step (by ``clock``) in :attr:`per_token`. Returns ``(tokens (B, T0 + new), [the last
         position's logits (B, vocab) after the prompt and after each step])``."""
-        import numpy as np
-
         if idx.shape[1] + max_new_tokens > self.context_length:
             raise ValueError(f"prompt length + max_new_tokens must fit in context_length={self.context_length}, "
                              f"got {idx.shape[1]} + {max_new_tokens}")
@@ -164,12 +163,11 @@ class OnnxDecoder:
         for i in range(max_new_tokens):
             nxt = steps[-1].argmax(-1)[:, None].astype(np.int64)        # (B, 1)
             idx = np.concatenate([idx, nxt], axis=1)
-            if i == max_new_tokens - 1:
-                break                                                   # the last token needs no step
-            t0 = clock()
-            logits, state = self.decode(nxt, state)
-            self.per_token.append(clock() - t0)
-            steps.append(logits[:, -1])
+            if i < max_new_tokens - 1:                                  # the last token needs no step
+                t0 = clock()
+                logits, state = self.decode(nxt, state)
+                self.per_token.append(clock() - t0)
+                steps.append(logits[:, -1])
         return idx, steps
 
 

@@ -21,7 +21,7 @@ from ..measure.timing import spread
 from ..model import TransformerLM
 from .harness import check_choice, check_counts, clock, free_memory, machine_columns, positive
 from .paths import check_paths, sparse_ff_layers
-from .whole_model import MODEL_VARIANTS, Generation, all_variants, build_model, model_config
+from .whole_model import MODEL_VARIANTS, Generation, all_variants, build_model, model_config, time_generations
 
 __all__ = ["ENGINES", "engine_generate", "bytes_floor"]
 
@@ -37,6 +37,10 @@ class _OnnxGeneration:
         self.per_token: list[float] = []
         self.logits: list[np.ndarray] = []           # the last generation's logits, prompt and every step
 
+    def reset(self) -> None:
+        """Forget the recorded times (after the warm-up)."""
+        self.per_token.clear()
+
     def __call__(self):
         _, self.logits = self.decoder.generate(self.prompt, self.new_tokens + 1, clock=clock())
         self.per_token.append(statistics.fmean(self.decoder.per_token))
@@ -47,11 +51,10 @@ def _pytorch_logits(model, prompt: torch.Tensor, new_tokens: int) -> list[np.nda
     cache, out = model.new_cache(), []
     with torch.inference_mode():
         logits, _ = model(prompt, cache=cache)
-        for _ in range(new_tokens + 1):
+        for step in range(new_tokens + 1):
             out.append(logits[:, -1].numpy())
-            if len(out) > new_tokens:
-                break
-            logits, _ = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
+            if step < new_tokens:
+                logits, _ = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache)
     return out
 
 
@@ -98,15 +101,7 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
             run()
             ref = _pytorch_logits(m, prompt, new_tokens)
             errors[(v, "onnxruntime")] = max(float(np.abs(a - b).max()) for a, b in zip(run.logits, ref))
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for r in runs.values():
-                r()
-        for r in runs.values():
-            r.per_token.clear()
-        for _ in tqdm(range(repeats), desc="decode", disable=not progress):
-            for r in runs.values():
-                r()
+    time_generations(runs, repeats=repeats, warmup=warmup, desc="decode" if progress else None)
     med = {k: statistics.median(r.per_token) for k, r in runs.items()}
     dense = {e: med[("dense", e)] for e in engines if ("dense", e) in med}
     rows = []

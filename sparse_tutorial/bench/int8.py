@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..config import pick
 from ..measure.quantize import quantize_int8
 from .harness import machine_columns, positive
-from .whole_model import Generation, build_model
+from .whole_model import Generation, build_model, time_generations
 
 __all__ = ["quant_bench"]
 
@@ -31,14 +31,7 @@ def quant_bench(batch_sizes: Sequence[int] = (1,), *, d_model: int = 384, n_laye
     for B in tqdm(list(batch_sizes), desc="int8 vs sparse", disable=not progress):
         prompt = torch.randint(0, 65, (positive("batch size", B), prompt_len))
         runs = {k: Generation(m, prompt, new_tokens) for k, m in models.items()}
-        with torch.inference_mode():
-            for r in runs.values():
-                r()
-                r.prefill.clear()
-                r.per_token.clear()
-            for _ in range(repeats):
-                for r in runs.values():
-                    r()
+        time_generations(runs, repeats=repeats)
         base = statistics.median(runs["dense"].per_token)
         for k, r in runs.items():
             tok = statistics.median(r.per_token)

@@ -25,7 +25,7 @@ from ..layers.qkv import modules_near_sqrt
 from ..measure.timing import spread
 from ..model import ModelConfig, TransformerLM, book_config, terraformer_config
 from .harness import check_choice, free_memory, interleaved, machine_columns, positive, recording
-from .whole_model import Generation
+from .whole_model import Generation, time_generations
 
 __all__ = ["LONG_VARIANTS", "long_config", "attention_lengths", "long_decode"]
 
@@ -111,13 +111,7 @@ def long_decode(context_lengths: Sequence[int], variants: Sequence[str] = tuple(
     for P in tqdm(lengths, desc="decoding after a long prompt", disable=not progress):
         prompt = torch.randint(0, 65, (1, P))
         runs = {v: Generation(m, prompt, new_tokens) for v, m in models.items()}
-        with torch.inference_mode():
-            for r in runs.values():                                     # warm-up of the code paths
-                r()
-                r.prefill.clear(), r.per_token.clear()
-            for _ in range(repeats):
-                for r in runs.values():
-                    r()
+        time_generations(runs, repeats=repeats)
         med = {v: (statistics.median(r.prefill), statistics.median(r.per_token)) for v, r in runs.items()}
         for v, (pre, tok) in med.items():
             rows.append({"P": P, "variant": v, "prefill ms": pre * 1e3, "ms per token": tok * 1e3,

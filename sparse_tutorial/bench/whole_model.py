@@ -16,8 +16,8 @@ from ..model import ModelConfig, TransformerLM, seed_config
 from .harness import check_choice, check_counts, clock, free_memory, interleaved, machine_columns, positive
 from .paths import check_paths, sparse_ff_layers, use_path
 
-__all__ = ["MODEL_VARIANTS", "all_variants", "model_config", "build_model", "Generation", "generate_bench", "forward_tokens",
-           "crossover"]
+__all__ = ["MODEL_VARIANTS", "all_variants", "model_config", "build_model", "Generation", "time_generations",
+           "generate_bench", "forward_tokens", "crossover"]
 
 
 #: The model variants of chapter 5's whole-model tables: label -> (``ModelConfig.ff``, ``ModelConfig.qkv``).
@@ -70,6 +70,11 @@ class Generation:
         #: the path the sparse FF layers took in the last decoding step (None: the model has none)
         self.step_path: str | None = None
 
+    def reset(self) -> None:
+        """Forget the recorded times (after the warm-up)."""
+        self.prefill.clear()
+        self.per_token.clear()
+
     def __call__(self):
         m, now = self.model, clock()
         if self.path is not None:
@@ -87,6 +92,20 @@ class Generation:
         self.per_token.append((t2 - t1) / max(1, self.new_tokens))
         layers = sparse_ff_layers(m)
         self.step_path = layers[0].last_decode_path if layers else None
+
+
+def time_generations(runs: dict, *, repeats: int, warmup: int = 1, desc: str | None = None) -> None:
+    """Call every generation of ``runs`` round-robin: ``warmup`` untimed rounds, then ``repeats`` recorded ones
+    (each run keeps its own times; a run is any callable with ``reset()``, e.g. :class:`Generation`)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for r in runs.values():
+                r()
+        for r in runs.values():
+            r.reset()
+        for _ in tqdm(range(repeats), desc=desc, disable=desc is None, leave=False):
+            for r in runs.values():
+                r()
 
 
 def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 384, n_layers: int = 6,
@@ -133,16 +152,7 @@ def generate_bench(batch_sizes: Sequence[int] | None = None, *, d_model: int = 3
         for v, m in models.items():
             for p in (paths if sparse_ff_layers(m) else [None]):
                 runs[(v, p)] = Generation(m, prompt, new_tokens, p)
-        with torch.inference_mode():
-            for _ in range(warmup):
-                for r in runs.values():
-                    r()
-            for r in runs.values():
-                r.prefill.clear()
-                r.per_token.clear()
-            for _ in range(repeats):
-                for r in runs.values():
-                    r()
+        time_generations(runs, repeats=repeats, warmup=warmup)
         med = {k: (statistics.median(r.prefill), statistics.median(r.per_token)) for k, r in runs.items()}
         for (v, path), (pre, tok) in med.items():
             row = {"d_model": d_model, "n_layers": n_layers, "batch": B, "prompt_len": prompt_len,
