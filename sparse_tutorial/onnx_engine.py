@@ -14,6 +14,10 @@ ordinary ONNX operators (``ArgMax``, ``Gather``).
 
 ``onnx``, ``onnxscript`` and ``onnxruntime`` are optional: :func:`available` says whether they import, and
 :func:`unavailable_reason` what to install.
+
+:func:`trace_decoder` traces the same two graphs with ``torch.jit.trace`` instead (TorchScript), and PyTorch's
+graph executor runs them: the model's Python (module calls, argument checks, the cache's bookkeeping) runs once,
+at tracing, and not at every token. It needs nothing beyond PyTorch, and :class:`OnnxDecoder` drives both.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from torch import nn
 from .layers.attention import LayerCache
 from .model import ModelCache, TransformerLM
 
-__all__ = ["available", "unavailable_reason", "StepCache", "state_names", "OnnxDecoder", "export_decoder"]
+__all__ = ["available", "unavailable_reason", "StepCache", "state_names", "OnnxDecoder", "export_decoder",
+           "trace_decoder"]
 
 _MODULES = ("onnx", "onnxscript", "onnxruntime")
 #: the attention kinds whose cache is keys, values and (for "conv") the convolution's inputs
@@ -56,9 +61,9 @@ def unavailable_reason() -> str | None:
 def _check_model(model: TransformerLM) -> None:
     cfg = model.cfg
     if cfg.qkv not in _QKV_KINDS:
-        raise ValueError(f"the ONNX export takes qkv in {list(_QKV_KINDS)}, got qkv={cfg.qkv!r}")
+        raise ValueError(f"the decoding graphs (ONNX, TorchScript) take qkv in {list(_QKV_KINDS)}, got qkv={cfg.qkv!r}")
     if cfg.reversible or cfg.sru_dim:
-        raise ValueError(f"the ONNX export takes neither reversible streams nor the SRU branch, got "
+        raise ValueError(f"the decoding graphs (ONNX, TorchScript) take neither reversible streams nor the SRU branch, got "
                          f"reversible={cfg.reversible!r}, sru_dim={cfg.sru_dim!r}")
 
 
@@ -129,7 +134,8 @@ class _Graph(nn.Module):
 
 @dataclass
 class OnnxDecoder:
-    """Both graphs of one model in ONNX Runtime sessions; :meth:`generate` decodes greedily with them."""
+    """Both graphs of one model in ONNX Runtime sessions (or :func:`trace_decoder`'s TorchScript graphs behind
+    the same ``run`` call); :meth:`generate` decodes greedily with them."""
 
     prompt: object                      # onnxruntime.InferenceSession of the prompt graph
     step: object                        # onnxruntime.InferenceSession of the step graph
@@ -171,6 +177,80 @@ class OnnxDecoder:
         return idx, steps
 
 
+def _check_counts(batch, threads) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got batch={batch!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got threads={threads!r}")
+
+
+@contextlib.contextmanager
+def _pytorch_paths(model: nn.Module):
+    """Every layer with a ``decode_path`` on its PyTorch path for the duration (a traced or exported graph
+    cannot call Numba's kernel), then back."""
+    saved = {m: m.decode_path for m in model.modules() if hasattr(m, "decode_path")}
+    try:
+        for m in saved:
+            m.decode_path = "pytorch"
+        yield
+    finally:
+        for m, p in saved.items():
+            m.decode_path = p
+
+
+def _examples(model: TransformerLM, batch: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The example inputs both graphs are traced with: a 4-token prompt, and one token after its state."""
+    prompt_idx = torch.zeros(batch, 4, dtype=torch.long)
+    with torch.no_grad():
+        _, *state = _Graph(model, step=False)(prompt_idx)              # a 4-token past for the step's example
+    return prompt_idx, torch.zeros(batch, 1, dtype=torch.long), state
+
+
+class _TracedSession:
+    """A TorchScript graph behind ONNX Runtime's ``run(None, feeds)`` call: NumPy arrays in and out (no copies)."""
+
+    def __init__(self, graph, names: list[str], threads: int):
+        self.graph, self.names, self.threads = graph, names, threads
+
+    def run(self, _outputs, feeds: dict) -> list[np.ndarray]:
+        threads = torch.get_num_threads()
+        if threads != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                out = self.graph(*(torch.from_numpy(feeds[n]) for n in self.names))
+        finally:
+            if threads != self.threads:
+                torch.set_num_threads(threads)
+        return [t.numpy() for t in out]
+
+
+def trace_decoder(model: TransformerLM, *, batch: int = 1, threads: int = 1) -> OnnxDecoder:
+    """``model``'s prompt and step graphs traced with ``torch.jit.trace`` (TorchScript), run by PyTorch.
+
+    The graphs are the ones :func:`export_decoder` exports (same inputs, outputs and limits: a prompt of at
+    least two tokens, a fixed ``batch``), recorded by running the model once on example inputs. A trace keeps the
+    tensor operations and drops the Python around them, so the Python branches taken for the examples are
+    fixed: a prompt of any length takes the prompt's branches, every step the one-token branches (as in
+    decoding). ``threads``: PyTorch's threads while a graph runs. The sparse FF layers trace their PyTorch
+    decode path (Numba's kernel is not a tensor operation a trace can record). PyTorch has deprecated
+    TorchScript in favour of ``torch.compile`` and ``torch.export``; it still runs, and it is measured here as
+    the cheapest way to drop the Python from a decoding step.
+    """
+    _check_model(model)
+    _check_counts(batch, threads)
+    model = model.eval()
+    names, cfg = state_names(model), model.cfg
+    with _pytorch_paths(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)   # the Python branches are fixed on purpose
+        warnings.simplefilter("ignore", FutureWarning)             # TorchScript's notice that it is deprecated
+        prompt_idx, step_idx, state = _examples(model, batch)
+        graphs = [torch.jit.trace(_Graph(model, step=False), (prompt_idx,), check_trace=False),
+                  torch.jit.trace(_Graph(model, step=True), (step_idx, *state), check_trace=False)]
+    sessions = [_TracedSession(g, feeds, threads) for g, feeds in zip(graphs, (["idx"], ["idx", *names]))]
+    return OnnxDecoder(*sessions, names, cfg.vocab_size, cfg.context_length)
+
+
 def export_decoder(model: TransformerLM, *, batch: int = 1, threads: int = 1,
                    directory: str | Path | None = None) -> OnnxDecoder:
     """Export ``model``'s prompt and step graphs to ONNX and open them in ONNX Runtime on the CPU.
@@ -184,38 +264,26 @@ def export_decoder(model: TransformerLM, *, batch: int = 1, threads: int = 1,
     import onnxruntime as ort
 
     _check_model(model)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got batch={batch!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got threads={threads!r}")
+    _check_counts(batch, threads)
     model = model.eval()
-    saved = {m: m.decode_path for m in model.modules() if hasattr(m, "decode_path")}
     directory = Path(tempfile.mkdtemp(prefix="sparse_tutorial_onnx_") if directory is None else directory)
     directory.mkdir(parents=True, exist_ok=True)
     names, cfg = state_names(model), model.cfg
     outputs = ["logits", *[f"new_{n}" for n in names]]                 # ONNX names must differ from inputs
     files = [directory / "prompt.onnx", directory / "step.onnx"]
     try:
-        for m in saved:
-            m.decode_path = "pytorch"                                   # Numba's kernel is no ONNX operator
-        with torch.no_grad():
-            prompt_idx = torch.zeros(batch, 4, dtype=torch.long)
-            prompt_graph = _Graph(model, step=False)
-            _, *state = prompt_graph(prompt_idx)                        # a 4-token past for the step's example
+        with _pytorch_paths(model), torch.no_grad():                    # Numba's kernel is no ONNX operator
+            prompt_idx, step_idx, state = _examples(model, batch)
             tokens = torch.export.Dim("tokens", min=2, max=cfg.context_length)
-            _export(prompt_graph, (prompt_idx,), files[0], ["idx"], outputs, ({1: tokens},))
+            _export(_Graph(model, step=False), (prompt_idx,), files[0], ["idx"], outputs, ({1: tokens},))
             # P >= 2: the convolution's window (2 positions) lies in the past, as for every token after the prompt
             past = torch.export.Dim("past", min=2, max=cfg.context_length - 1)
-            step_idx = torch.zeros(batch, 1, dtype=torch.long)
             _export(_Graph(model, step=True), (step_idx, *state), files[1], ["idx", *names],
                     outputs, (None, tuple({2: past} for _ in names)))
     except BaseException:
         for f in files:                                                 # nothing half-written stays behind
             f.unlink(missing_ok=True)
         raise
-    finally:
-        for m, p in saved.items():
-            m.decode_path = p
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -123,7 +123,7 @@ def test_without_the_packages_the_engine_says_what_to_install(monkeypatch):
 def test_engine_bench_checks_every_step_against_pytorch():
     df = engine_generate(["dense", "sparse FF"], d_model=64, n_layers=1, prompt_len=6, new_tokens=3,
                          context_length=16, repeats=2, warmup=0, progress=False)
-    assert list(df["engine"]) == ["pytorch", "onnxruntime"] * 2
+    assert list(df["engine"]) == ["pytorch", "torchscript", "onnxruntime"] * 2
     assert (df["max |logit diff|"] < 1e-4).all()
     assert (df.loc[df["engine"] == "pytorch", "max |logit diff|"] == 0).all()
     assert (df["decode µs per token"] > 0).all()
@@ -179,7 +179,7 @@ def test_target_table_takes_the_better_engine():
     df = engine_table()
     floor = pd.DataFrame({"engine": ["pytorch", "onnxruntime"], "time / floor": [2.4, 1.2]})
     met = bench.target_table(engines=df, floor=floor).set_index("target")
-    rows = {t: r for t, r in met.iterrows() if "better engine" in t or "bytes floor" in t}
+    rows = {t: r for t, r in met.iterrows() if "best engine" in t or "bytes floor" in t}
     assert [r["measured"] for r in rows.values()] == ["2.00", "3.00", "1.20"]
     assert [r["met"] for r in rows.values()] == ["NO", "NO", "yes"]
     assert set(bench.target_table().set_index("target").loc[list(rows), "met"]) == {"not run"}

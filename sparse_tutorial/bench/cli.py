@@ -79,9 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="chapter 5's variants by default; every registered FF kind is one too, e.g. 'moe FF'")
     s.add_argument("--sparse-decode-max-rows", type=int, default=None)
     s.add_argument("--engine", nargs="+", default=["pytorch"], choices=list(ENGINES),
-                   help="'onnxruntime' exports each model's decoding step to ONNX and times it in ONNX Runtime "
-                        "beside PyTorch, checking every step's logits against PyTorch (one batch size; the "
-                        "'fused' path is PyTorch's only)")
+                   help="'torchscript' traces each model's decoding step with torch.jit.trace, 'onnxruntime' "
+                        "exports it to ONNX and runs it in ONNX Runtime; both are timed beside eager PyTorch, "
+                        "every step's logits checked against it (one batch size; the 'fused' path is eager "
+                        "PyTorch's only)")
 
     s = sub.add_parser("threads", parents=[common, path],
                        help="1 thread against 2 (wall time, median and quartiles): FF layer and block")
@@ -151,8 +152,9 @@ def _run(args) -> pd.DataFrame:
     if c == "generate" and args.engine != ["pytorch"]:
         batches = args.batch_sizes or [1]
         if len(batches) != 1 or args.sparse_decode_max_rows is not None:
-            raise ValueError(f"--engine onnxruntime times one batch size with the models' own decode rule; got "
-                             f"batch sizes {batches}, sparse_decode_max_rows={args.sparse_decode_max_rows}")
+            raise ValueError(f"--engine torchscript or onnxruntime times one batch size with the models' own "
+                             f"decode rule; got batch sizes {batches}, "
+                             f"sparse_decode_max_rows={args.sparse_decode_max_rows}")
         return engine_generate(args.variants, engines=args.engine, batch=batches[0], d_model=args.d_model,
                                n_layers=args.n_layers, prompt_len=args.prompt_len or pick(default=100, fast=32),
                                new_tokens=args.new_tokens or pick(default=20, fast=8),

@@ -1,10 +1,11 @@
-"""``bench generate --engine pytorch onnxruntime``: the whole-model decoding of :mod:`.whole_model` in eager
-PyTorch and in ONNX Runtime (:mod:`sparse_tutorial.onnx_engine`), side by side.
+"""``bench generate --engine pytorch torchscript onnxruntime``: the whole-model decoding of :mod:`.whole_model` in
+eager PyTorch, as TorchScript graphs (``torch.jit.trace``) and in ONNX Runtime (:mod:`sparse_tutorial.onnx_engine`),
+side by side.
 
-The same models (same seed, random weights) decode the same prompt greedily in both engines, round-robin.
-Every step's logits in ONNX Runtime are compared with PyTorch's, so a speed-up is never bought with a wrong
-answer. Ratios are taken within one engine (``dense / variant``) and against the faster of the two dense
-models: if ONNX Runtime runs the dense model faster than PyTorch, that is the honest baseline.
+The same models (same seed, random weights) decode the same prompt greedily in every engine, round-robin.
+Every step's logits in a graph engine are compared with eager PyTorch's, so a speed-up is never bought with a
+wrong answer. Ratios are taken within one engine (``dense / variant``) and against the fastest dense model: if
+another engine runs the dense model faster than eager PyTorch, that is the honest baseline.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ from .whole_model import MODEL_VARIANTS, Generation, all_variants, build_model, 
 
 __all__ = ["ENGINES", "engine_generate", "bytes_floor"]
 
-#: the engines ``generate`` can time
-ENGINES = ("pytorch", "onnxruntime")
+#: the engines ``generate`` can time: eager PyTorch, TorchScript graphs (``torch.jit.trace``), ONNX Runtime
+ENGINES = ("pytorch", "torchscript", "onnxruntime")
 
 
-class _OnnxGeneration:
-    """:class:`~.whole_model.Generation` in ONNX Runtime: greedy decoding, the per-token steps timed."""
+class _GraphGeneration:
+    """:class:`~.whole_model.Generation` with a graph engine's decoder (ONNX Runtime or TorchScript): greedy
+    decoding, the per-token steps timed."""
 
     def __init__(self, decoder: onnx_engine.OnnxDecoder, prompt: torch.Tensor, new_tokens: int):
         self.decoder, self.prompt, self.new_tokens = decoder, prompt.numpy(), new_tokens
@@ -67,9 +69,10 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
 
     Columns: ``decode µs per token`` (median over ``repeats`` generations of the mean step), its
     ``decode IQR / median``, ``speed-up (dense / variant)`` within the engine, ``speed-up vs fastest dense``
-    (the faster dense engine over this row), and ``max |logit diff|`` against PyTorch over the prompt and
+    (the fastest dense engine's time over this row's), and ``max |logit diff|`` against PyTorch over the prompt and
     every step (0 for PyTorch itself). In PyTorch the sparse FF layers decode by ``path`` (:mod:`.paths`; default
-    the best available); the ONNX graphs trace the PyTorch reference (:meth:`SparseFF.decode`).
+    the best available); the graphs of ``torchscript`` and ``onnxruntime`` trace the PyTorch reference
+    (:meth:`SparseFF.decode`).
     """
     path = check_paths(path)[0]
     variants, engines = list(variants), list(engines)
@@ -91,16 +94,17 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
     models = {v: build_model(v, d_model, n_layers, context_length, qkv_modules, None) for v in variants}
     prompt = torch.randint(0, models[variants[0]].cfg.vocab_size, (batch, prompt_len))
     runs, errors = {}, {}
-    for v, m in tqdm(models.items(), desc="export", disable=not progress or "onnxruntime" not in engines):
+    graphs = {"torchscript": onnx_engine.trace_decoder, "onnxruntime": onnx_engine.export_decoder}
+    for v, m in tqdm(models.items(), desc="export", disable=not progress or engines == ["pytorch"]):
         if "pytorch" in engines:
             runs[(v, "pytorch")] = Generation(m, prompt, new_tokens, path if sparse_ff_layers(m) else None)
             errors[(v, "pytorch")] = 0.0
-        if "onnxruntime" in engines:
-            decoder = onnx_engine.export_decoder(m, batch=batch, threads=torch.get_num_threads())
-            run = runs[(v, "onnxruntime")] = _OnnxGeneration(decoder, prompt, new_tokens)
+        for e in (e for e in engines if e in graphs):
+            decoder = graphs[e](m, batch=batch, threads=torch.get_num_threads())
+            run = runs[(v, e)] = _GraphGeneration(decoder, prompt, new_tokens)
             run()
             ref = _pytorch_logits(m, prompt, new_tokens)
-            errors[(v, "onnxruntime")] = max(float(np.abs(a - b).max()) for a, b in zip(run.logits, ref))
+            errors[(v, e)] = max(float(np.abs(a - b).max()) for a, b in zip(run.logits, ref))
     time_generations(runs, repeats=repeats, warmup=warmup, desc="decode" if progress else None)
     med = {k: statistics.median(r.per_token) for k, r in runs.items()}
     dense = {e: med[("dense", e)] for e in engines if ("dense", e) in med}

@@ -90,6 +90,7 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in [
     Lever("N 2, always hard", model=dict(ff_block_size=2, ff_hard_prob=1.0)),
     # N 4 at the book's controller rank (d_ff / 32 = 16), not d_ff / 4 = 128: the parameters of the N 32 model
     Lever("N 4, always hard, rank 16", model=dict(ff_block_size=4, ff_hard_prob=1.0, d_lowrank=16)),
+    Lever("N 2, always hard, rank 16", model=dict(ff_block_size=2, ff_hard_prob=1.0, d_lowrank=16)),
     Lever("N 8, hard 0.3->1, ref init", model=dict(ff_block_size=8, ff_init="reference"),
           train=dict(hard_prob_final=1.0, hard_anneal_start=0.5)),
     Lever("converted at 2/3, always hard", model=dict(ff_hard_prob=1.0), convert_at=2 / 3),
