@@ -1,7 +1,8 @@
-"""The decode paths of the sparse FF layer that the benchmark can time: PyTorch's reference or the fused kernel.
+"""The decode paths that the benchmark can time: PyTorch's reference or the fused kernels.
 
-``pytorch`` is :meth:`SparseFF.decode <sparse_tutorial.layers.sparse_ff.SparseFF.decode>` in PyTorch calls;
-``fused`` is its one-call kernel (:mod:`sparse_tutorial.layers.sparse_ff_kernel`). By default every command
+``pytorch`` is :meth:`SparseFF.decode <sparse_tutorial.layers.sparse_ff.SparseFF.decode>` and the convolution
+QKV's step in PyTorch calls; ``fused`` is their one-call kernels (:mod:`sparse_tutorial.layers.sparse_ff_kernel`,
+:mod:`sparse_tutorial.layers.qkv_kernel`, each where it applies). By default every command
 times the best one this machine has (:func:`best_path`), and every table says which path it timed.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Sequence
 from torch import nn
 
 from ..layers import sparse_ff_kernel
+from ..layers.qkv import ConvQKVAttention
 from ..layers.sparse_ff import SparseFF
 
 __all__ = ["PATHS", "best_path", "available_paths", "check_paths", "sparse_ff_layers", "use_path"]
@@ -54,8 +56,9 @@ def sparse_ff_layers(module: nn.Module) -> list[SparseFF]:
 
 
 def use_path(module: nn.Module, path: str) -> None:
-    """Make every sparse FF layer of ``module`` decode by ``path``: ``"pytorch"``, or ``"fused"`` (the layers'
-    ``"auto"``: the kernel for every call it applies to, e.g. a decoding step of up to
+    """Make every sparse FF layer and every convolution QKV layer of ``module`` decode by ``path``: ``"pytorch"``,
+    or ``"fused"`` (the layers' ``"auto"``: the kernel for every call it applies to, e.g. a decoding step of up to
     :attr:`SparseFF.FUSED_MAX_ROWS` tokens, PyTorch for the others, e.g. a long prompt)."""
-    for layer in sparse_ff_layers(module):
-        layer.decode_path = "pytorch" if path == "pytorch" else "auto"
+    for layer in module.modules():
+        if isinstance(layer, (SparseFF, ConvQKVAttention)):
+            layer.decode_path = "pytorch" if path == "pytorch" else "auto"

@@ -79,6 +79,23 @@ class LayerCache:
         self._length = n
         return self._k[:, :, :n], self._v[:, :, :n]
 
+    def buffers(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The whole key and value buffers ``(B, H, capacity, hd)`` (positions ``[0, length)`` filled), for a
+        kernel that writes the positions :meth:`claim` or :meth:`append` made room for."""
+        return self._k, self._v
+
+    def claim(self, T: int, like: torch.Tensor, state: tuple[str, ...] = ()) -> bool:
+        """Add ``T`` positions without writing them, when the key and value buffers and the per-position
+        ``state`` buffers named all have room for them and hold ``like``'s batch size and dtype: a kernel then
+        writes the new positions in place. Returns False, changing nothing, when one does not (then
+        :meth:`extend_state` and :meth:`append` make room)."""
+        n, B = self._length + T, like.shape[0]
+        for buf in (self._k, self._v, *(self.state.get(name) for name in state)):
+            if buf is None or buf.shape[-2] < n or buf.shape[0] != B or buf.dtype != like.dtype:
+                return False
+        self._length = n
+        return True
+
     def extend_state(self, name: str, new: torch.Tensor) -> torch.Tensor:
         """Per-position state beside the keys: write ``new`` ``(..., T, X)`` at the positions this call adds.
 

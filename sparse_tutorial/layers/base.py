@@ -12,7 +12,12 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["FeedForward", "SelfAttention"]
+__all__ = ["FeedForward", "SelfAttention", "DECODE_PATHS"]
+
+#: the decode implementations a layer with a fused kernel offers (its ``decode_path``): ``"auto"`` takes the fused
+#: kernel where it applies and PyTorch otherwise, ``"pytorch"`` always the PyTorch reference, ``"fused"`` always the
+#: kernel (a ValueError saying why when it does not apply)
+DECODE_PATHS = ("auto", "pytorch", "fused")
 
 
 class FeedForward(abc.ABC, nn.Module):

@@ -29,6 +29,7 @@ from torch import nn
 
 from .._checks import positive_int, probability
 from .attention import LayerCache, cached_attention, check_attention_input
+from .base import DECODE_PATHS
 
 __all__ = [
     "modules_near_sqrt",
@@ -181,7 +182,14 @@ class ConvQKVAttention(nn.Module):
     :meth:`LayerCache.truncate` rolls the convolution back together with the keys and values.
     """
 
-    def __init__(self, d_model: int, n_modules: int, length_kernel: int = 3, dropout: float = 0.0):
+    #: the fused decoding step (:mod:`.qkv_kernel`) applies to layers up to this ``d_model``. Its loops beat the
+    #: PyTorch step's dozen calls where the arithmetic is small (1.5x at d 384, S 16 on one thread, measured
+    #: beside a training) and lose where it is large: at d 1024 they broke even, at d 2048 they took 1.5x
+    #: PyTorch's time (whose products run in BLAS).
+    FUSED_MAX_D_MODEL = 512
+
+    def __init__(self, d_model: int, n_modules: int, length_kernel: int = 3, dropout: float = 0.0,
+                 decode_path: str = "auto"):
         super().__init__()
         self.d_model = positive_int("d_model", d_model)
         self.n_modules = positive_int("n_modules", n_modules)
@@ -195,6 +203,22 @@ class ConvQKVAttention(nn.Module):
         self.conv_v = ModuleConv(M, length_kernel, module_kernel=1)
         self.dropout = probability("dropout", dropout)
         self.resid_dropout = nn.Dropout(self.dropout)
+        self.decode_path = decode_path
+        #: which step the last cached call took: "fused" or "pytorch" (None before the first)
+        self.last_decode_path: str | None = None
+
+    @property
+    def decode_path(self) -> str:
+        """How a cached call computes: ``"auto"`` (the fused step of :mod:`.qkv_kernel` where
+        :meth:`fused_unavailable` finds nothing against it, else PyTorch), ``"pytorch"`` or ``"fused"`` (a
+        ValueError saying why when it does not apply); see :data:`~.base.DECODE_PATHS`."""
+        return self.__dict__.get("_decode_path", "auto")            # layers pickled before the option: "auto"
+
+    @decode_path.setter
+    def decode_path(self, value: str) -> None:
+        if value not in DECODE_PATHS:
+            raise ValueError(f"decode_path must be one of {DECODE_PATHS}, got decode_path={value!r}")
+        self.__dict__["_decode_path"] = value
 
     def _conv_input(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
         """Multiplicative outputs of the new tokens with their left context: ``(B, M, lk - 1 + T, S)``."""
@@ -247,14 +271,98 @@ class ConvQKVAttention(nn.Module):
                 self._merged = cached
         return cached[1], cached[2]
 
+    def fused_unavailable(self, x: torch.Tensor) -> str | None:
+        """Why a cached call on ``x`` cannot take the fused step (None when it can): it needs Numba, one new
+        token per sequence, float32 on the CPU, no autograd, no dropout, ``length_kernel`` at least 2 (the
+        kernel reads the convolution's state) and ``d_model`` up to :attr:`FUSED_MAX_D_MODEL`."""
+        if not _kernel_module().available():
+            return _kernel_module().unavailable_reason()
+        if torch.compiler.is_compiling():
+            return "a traced graph (torch.export, the ONNX export) runs the PyTorch step"
+        if x.shape[1] != 1:
+            return f"{x.shape[1]} new tokens in one call; the kernel decodes one at a time"
+        if self.d_model > self.FUSED_MAX_D_MODEL:
+            return f"d_model={self.d_model} is above FUSED_MAX_D_MODEL={self.FUSED_MAX_D_MODEL}"
+        if self.length_kernel < 2:
+            return "length_kernel=1 keeps no convolution state"
+        if x.dtype != torch.float32 or not x.is_cpu or self.mult.E.dtype != torch.float32:
+            return f"the kernel is compiled for float32 on the CPU, x is {x.dtype} on {x.device}"
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return "autograd is recording and the kernel has no backward (use torch.no_grad or inference mode)"
+        if self.training and self.dropout > 0:
+            return "training with dropout"
+        return None
+
+    def _fused_weights(self) -> tuple:
+        """The kernel's arrays: ``D`` (S, d), ``E`` (d, M), the bias (S, M), the merged convolution with its output
+        channels last (M, lk, mk, 3M) and its bias. Kept between calls (outside the module's attributes, so not
+        pickled) and made again when a weight is replaced or changed in place (its address or version changes);
+        weights made under ``torch.inference_mode`` keep no version, so theirs are made at every call. The
+        weights are read from the modules' own dictionaries: ``nn.Module`` attribute look-ups cost about a
+        microsecond each, and this runs once per layer and token."""
+        mods = self._modules
+        tensors = [mods["mult"]._parameters[n] for n in ("D", "E", "bias")]
+        for name in ("conv_q", "conv_k", "conv_v"):
+            conv = mods[name]._modules["conv"]._parameters
+            tensors += (conv["weight"], conv["bias"])
+        key = None if any(t.is_inference() for t in tensors) else tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self.__dict__.get("_fused_arrays")
+        if key is None or cached is None or cached[0] != key:
+            w, b = self._merged_conv()
+            D, E, bias = tensors[:3]
+            arrays = tuple(t.detach().contiguous().numpy() for t in (
+                D, E, bias.view(self.n_modules, self.d_module), w.permute(1, 2, 3, 0), b))
+            cached = (key, arrays)
+            self.__dict__["_fused_arrays"] = cached
+        return cached[1]
+
+    def _fused_step(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """One new token per sequence in one call of :func:`.qkv_kernel.run`: ``(B, 1, C) -> (B, 1, C)``."""
+        B, S, M = x.shape[0], self.n_modules, self.d_module
+        weights = self._fused_weights()
+        P = cache.length
+        if not cache.claim(1, x, ("conv_inputs",)):
+            # No room for the new position: made by the cache's own methods, as in the PyTorch step (the kernel
+            # then writes the values there)
+            cache.extend_state("conv_inputs", x.new_empty(B, M, 1, S))    # (B, M, P + 1, S)
+            cache.append(x.new_empty(B, S, 1, M), x.new_empty(B, S, 1, M))
+        conv_in = cache.state["conv_inputs"]                               # (B, M, capacity, S)
+        cache.state["conv_context"] = conv_in[:, :, max(0, P + 2 - self.length_kernel):P + 1]
+        k_buf, v_buf = cache.buffers()                                     # (B, S, capacity, M)
+        xs = x.detach().reshape(B, self.d_model).numpy()
+        if not xs.flags.c_contiguous:
+            xs = xs.copy()
+        y = _kernel_module().run(xs, weights, conv_in.numpy(), k_buf.numpy(), v_buf.numpy(), P)
+        self.__dict__["last_decode_path"] = "fused"                       # nn.Module.__setattr__ costs microseconds
+        return torch.from_numpy(y).view(B, 1, self.d_model)               # (B, S, M) -> (B, 1, C)
+
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = check_attention_input(x, self.d_model)
+        if cache is not None and self.decode_path != "pytorch":
+            why_not = self.fused_unavailable(x)
+            if why_not is None:
+                try:
+                    return self._fused_step(x, cache)
+                except _kernel_module().KernelUnavailable as e:           # it failed to compile on this machine
+                    why_not = str(e)
+            if self.decode_path == "fused":
+                raise ValueError(f"decode_path='fused' does not apply to this call: {why_not}")
+        if cache is not None:
+            self.__dict__["last_decode_path"] = "pytorch"
         q, k, v = self.heads(x, cache)                                     # 3 x (B, S, T, M)
         y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, S, T, M)
         return self.resid_dropout(y.transpose(1, 2).reshape(B, T, C))      # no output projection
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_modules={self.n_modules}, d_module={self.d_module}, length_kernel={self.length_kernel}"
+        return (f"d_model={self.d_model}, n_modules={self.n_modules}, d_module={self.d_module}, "
+                f"length_kernel={self.length_kernel}"
+                + (f", decode_path={self.decode_path!r}" if self.decode_path != "auto" else ""))
+
+
+def _kernel_module():
+    """The fused step's module, imported on first use (it imports Numba, about half a second)."""
+    from . import qkv_kernel
+    return qkv_kernel
 
 
 class MultiplicativeAttention(nn.Module):

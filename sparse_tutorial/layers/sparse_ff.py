@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import last_dim, positive_int, probability, real_number, same_dtype
-from .base import FeedForward
+from .base import DECODE_PATHS, FeedForward
 
 __all__ = [
     "SparseFF",
@@ -90,10 +90,6 @@ class MLPController(nn.Module):
 #: the initialisations :class:`SparseFF` offers (see its ``init`` argument)
 INITS = ("torch", "reference")
 
-#: the decode implementations :class:`SparseFF` offers (its ``decode_path``): ``"auto"`` takes the fused kernel
-#: where it applies and PyTorch otherwise, ``"pytorch"`` always the PyTorch reference, ``"fused"`` always the kernel
-#: (a ValueError saying why when it does not apply)
-DECODE_PATHS = ("auto", "pytorch", "fused")
 
 #: per layer: the kernel's views of its weights (see ``SparseFF._fused_weights``)
 _FUSED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

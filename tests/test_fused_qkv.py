@@ -1,0 +1,158 @@
+"""The fused decoding step of the convolution QKV attention (layers/qkv_kernel.py) computes what the layer's
+PyTorch step computes, writes the same cache, and the layer falls back to PyTorch wherever the step does not apply.
+
+Every comparison is float32 within 1e-5.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparse_tutorial.bench.paths import use_path
+from sparse_tutorial.layers import qkv_kernel
+from sparse_tutorial.layers.attention import LayerCache
+from sparse_tutorial.layers.qkv import ConvQKVAttention
+from sparse_tutorial.model import ModelConfig, TransformerLM
+
+pytestmark = pytest.mark.skipif(not qkv_kernel.available(), reason="numba is not installed: the fused path is off")
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def make_layer(n_modules, d_module, length_kernel=3, seed=0):
+    torch.manual_seed(seed)
+    layer = ConvQKVAttention(n_modules * d_module, n_modules, length_kernel).eval()
+    with torch.no_grad():                                  # biases that are not zero
+        for p in (layer.mult.bias, layer.conv_q.conv.bias, layer.conv_k.conv.bias, layer.conv_v.conv.bias):
+            p.normal_()
+    return layer
+
+
+def decode(layer, x, prompt, path):
+    """The outputs of a prompt of ``prompt`` tokens (none: the first step starts the cache), then one token a
+    call, on ``path``; with the cache."""
+    layer.decode_path = "pytorch" if path == "pytorch" else "auto"     # a prompt is no single-token step
+    cache, outs = LayerCache(), []
+    if prompt:
+        outs.append(layer(x[:, :prompt], cache))
+    layer.decode_path = path
+    for t in range(prompt, x.shape[1]):
+        outs.append(layer(x[:, t:t + 1], cache))
+        assert layer.last_decode_path == ("fused" if path == "fused" else "pytorch")
+    return torch.cat(outs, 1), cache
+
+
+def assert_same_cache(a: LayerCache, b: LayerCache):
+    assert a.length == b.length
+    torch.testing.assert_close(a.k, b.k, **TOL)
+    torch.testing.assert_close(a.v, b.v, **TOL)
+    n = a.length
+    torch.testing.assert_close(a.state["conv_inputs"][:, :, :n], b.state["conv_inputs"][:, :, :n], **TOL)
+    torch.testing.assert_close(a.state["conv_context"], b.state["conv_context"], **TOL)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_modules=st.integers(1, 9), d_module=st.integers(1, 13), length_kernel=st.integers(2, 4),
+       batch=st.integers(1, 3), prompt=st.integers(0, 6), steps=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_the_fused_step_equals_the_pytorch_step_and_the_full_forward(n_modules, d_module, length_kernel, batch,
+                                                                     prompt, steps, seed):
+    layer = make_layer(n_modules, d_module, length_kernel, seed)
+    x = torch.randn(batch, prompt + steps, layer.d_model)
+    with torch.inference_mode():
+        fused, fc = decode(layer, x, prompt, "fused")
+        ref, rc = decode(layer, x, prompt, "pytorch")
+        full = layer(x)
+    torch.testing.assert_close(fused, ref, **TOL)
+    torch.testing.assert_close(fused, full, **TOL)
+    assert_same_cache(fc, rc)
+
+
+def test_a_truncated_cache_decodes_again_as_pytorch():
+    layer = make_layer(4, 6)
+    x = torch.randn(2, 12, layer.d_model)
+    with torch.no_grad():
+        caches = {}
+        for path in ("fused", "pytorch"):
+            _, caches[path] = decode(layer, x, 5, path)
+            caches[path].truncate(7)                        # roll back, then decode other tokens
+            layer.decode_path = path
+            y = torch.cat([layer(x[:, t:t + 1].flip(-1), caches[path]) for t in range(7, 12)], 1)
+            caches[path + " out"] = y
+    torch.testing.assert_close(caches["fused out"], caches["pytorch out"], **TOL)
+    assert_same_cache(caches["fused"], caches["pytorch"])
+
+
+def test_non_contiguous_input_and_a_cache_filled_by_the_other_path():
+    layer = make_layer(3, 8)
+    x = torch.randn(1, 10, 2 * layer.d_model)[..., ::2]                # strided last dimension
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        ref, _ = decode(layer, x, 4, "pytorch")
+        layer.decode_path = "pytorch"
+        cache = LayerCache()
+        outs = [layer(x[:, :4], cache)]
+        assert layer.last_decode_path == "pytorch"
+        layer.decode_path = "fused"                                    # the PyTorch prompt's cache, fused steps
+        outs += [layer(x[:, t:t + 1], cache) for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(outs, 1), ref, **TOL)
+
+
+@pytest.mark.parametrize("case, why", [
+    ("prompt", "new tokens in one call"), ("grad", "autograd"), ("wide", "FUSED_MAX_D_MODEL"),
+    ("kernel 1", "length_kernel=1"), ("float64", "float32"), ("dropout", "dropout")])
+def test_where_the_step_does_not_apply_auto_takes_pytorch_and_fused_says_why(case, why):
+    n_modules, d_module, lk = (32, 32, 3) if case == "wide" else (4, 6, 1 if case == "kernel 1" else 3)
+    layer = make_layer(n_modules, d_module, lk)
+    x = torch.randn(1, 3 if case == "prompt" else 1, layer.d_model)
+    if case == "float64":
+        layer, x = layer.double(), x.double()
+    if case == "dropout":
+        layer = ConvQKVAttention(layer.d_model, n_modules, dropout=0.1).train()
+    grad = torch.enable_grad() if case == "grad" else torch.no_grad()
+    with grad:
+        layer.decode_path = "auto"
+        layer(x, LayerCache())
+        assert layer.last_decode_path == "pytorch"
+        layer.decode_path = "fused"
+        with pytest.raises(ValueError, match=why):
+            layer(x, LayerCache())
+
+
+def test_without_numba_the_layer_falls_back_with_the_same_result(monkeypatch):
+    layer = make_layer(4, 6)
+    x = torch.randn(1, 8, layer.d_model)
+    with torch.no_grad():
+        ref, _ = decode(layer, x, 3, "pytorch")
+        monkeypatch.setattr(qkv_kernel.sparse_ff_kernel, "numba", None)
+        assert "pip install numba" in qkv_kernel.unavailable_reason()
+        layer.decode_path = "auto"
+        cache = LayerCache()
+        y = torch.cat([layer(x[:, :3], cache)] + [layer(x[:, t:t + 1], cache) for t in range(3, 8)], 1)
+        assert layer.last_decode_path == "pytorch"
+    torch.testing.assert_close(y, ref, **TOL)
+
+
+def test_a_weight_changed_in_place_is_seen_by_the_next_step():
+    layer = make_layer(4, 6)
+    x = torch.randn(1, 6, layer.d_model)
+    with torch.no_grad():
+        decode(layer, x, 3, "fused")
+        layer.mult.E.mul_(2.0)
+        layer.conv_k.conv.weight.add_(0.5)
+        fused, _ = decode(layer, x, 3, "fused")
+        ref, _ = decode(layer, x, 3, "pytorch")
+    torch.testing.assert_close(fused, ref, **TOL)
+
+
+def test_the_bench_switches_both_kernels_and_a_model_decodes_the_same_on_both_paths():
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=30, context_length=32, d_model=48, n_heads=2, n_layers=2,
+                                      d_ff=96, ff="sparse", ff_block_size=8, qkv="conv", qkv_modules=4)).eval()
+    prompt = torch.randint(0, 30, (1, 6))
+    out = {}
+    for path in ("pytorch", "fused"):
+        use_path(model, path)
+        assert {b.attn.decode_path for b in model.blocks} == {"pytorch" if path == "pytorch" else "auto"}
+        out[path] = model.generate(prompt, 12, greedy=True)
+        assert {b.attn.last_decode_path for b in model.blocks} == {path}
+    assert torch.equal(out["fused"], out["pytorch"])
