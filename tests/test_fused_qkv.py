@@ -101,7 +101,7 @@ def test_non_contiguous_input_and_a_cache_filled_by_the_other_path():
     ("prompt", "new tokens in one call"), ("grad", "autograd"), ("wide", "FUSED_MAX_D_MODEL"),
     ("kernel 1", "length_kernel=1"), ("float64", "float32"), ("dropout", "dropout")])
 def test_where_the_step_does_not_apply_auto_takes_pytorch_and_fused_says_why(case, why):
-    n_modules, d_module, lk = (32, 32, 3) if case == "wide" else (4, 6, 1 if case == "kernel 1" else 3)
+    n_modules, d_module, lk = (32, 40, 3) if case == "wide" else (4, 6, 1 if case == "kernel 1" else 3)
     layer = make_layer(n_modules, d_module, lk)
     x = torch.randn(1, 3 if case == "prompt" else 1, layer.d_model)
     if case == "float64":
@@ -156,3 +156,20 @@ def test_the_bench_switches_both_kernels_and_a_model_decodes_the_same_on_both_pa
         out[path] = model.generate(prompt, 12, greedy=True)
         assert {b.attn.last_decode_path for b in model.blocks} == {path}
     assert torch.equal(out["fused"], out["pytorch"])
+
+
+def test_the_qkv_bench_times_every_path_at_every_width():
+    from sparse_tutorial.bench import qkv_step
+    from sparse_tutorial.layers.qkv import modules_near_sqrt
+
+    df = qkv_step([32, 96], cache_len=8, repeats=2, warmup=1)
+    assert list(df["d_model"]) == [32, 32, 96, 96]
+    assert list(df["S"]) == [modules_near_sqrt(d) for d in (32, 32, 96, 96)]
+    assert list(df["path"]) == list(df["step taken"]) == ["fused", "pytorch"] * 2
+    assert (df["µs per step"] > 0).all()
+    for d, part in df.groupby("d_model"):
+        t = part.set_index("path")["µs per step"]
+        assert part.set_index("path")["speed-up vs pytorch"]["fused"] == pytest.approx(t["pytorch"] / t["fused"])
+    assert df["auto takes fused"].all()
+    with pytest.raises(ValueError, match="path"):
+        qkv_step([32], paths=["gpu"], repeats=1)

@@ -10,13 +10,15 @@
     python -m sparse_tutorial.bench crossover                                  # where the gather path stops paying
     python -m sparse_tutorial.bench threads                                    # 1 thread against 2, with spreads
     python -m sparse_tutorial.bench parts --shape 17b                          # one block, part by part
+    python -m sparse_tutorial.bench qkv --d-model 384 1024 2048                # the conv QKV step, each path
     python -m sparse_tutorial.bench train
     python -m sparse_tutorial.bench attention --lengths 1024 4096 16384             # full against LSH attention
     python -m sparse_tutorial.bench long --context 512 4096                     # decoding after a long prompt
     python -m sparse_tutorial.bench quant
 
-``ff``, ``block`` and ``generate`` take ``--path pytorch|fused``: the sparse FF's decode in PyTorch calls or in
-its one-call kernel (default: the best available, :mod:`.paths`); tables and JSON name the path timed.
+``ff``, ``block``, ``generate`` and ``qkv`` take ``--path pytorch|fused``: the sparse FF's decode and the
+convolution QKV's step in PyTorch calls or in their one-call kernels (default: the best available, :mod:`.paths`);
+tables and JSON name the path timed.
 Add ``--json`` for one JSON object on stdout instead of the table, ``--threads N`` to set torch's thread
 count (default 1, the setting of chapter 5; with two threads on a two-core machine that also runs other
 programs, a batch-1 decoding step measured many times slower). Every command also writes its table as ``_build/bench/<command>.csv`` (``--out-dir`` to change).
@@ -39,7 +41,7 @@ Method, the same everywhere:
 Modules, by what they measure: :mod:`.machine` (bandwidth), :mod:`.ff` (one FF layer), :mod:`.block` (one
 block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the gather/masked crossover),
 :mod:`.engines` (decoding in PyTorch and in ONNX Runtime), :mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.long` (long sequences: attention by length, decoding after a long prompt), :mod:`.targets` (the
-chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side), :mod:`.parts` (one block part by part); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
+chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side), :mod:`.parts` (one block part by part, the convolution QKV's step by path); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
 from .block import block_bytes, bytes_verdicts, main_rows
@@ -55,7 +57,7 @@ from .long import LONG_VARIANTS, attention_lengths, long_config, long_decode
 from .machine import bandwidth
 from .paths import PATHS, available_paths, best_path
 from .targets import target_table
-from .parts import block_parts
+from .parts import block_parts, qkv_step
 from .threads import threads_compare, threads_table, threads_verdicts
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_bench, model_config
@@ -66,5 +68,5 @@ __all__ = [
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
     "write_csv", "target_table", "LONG_VARIANTS", "attention_lengths", "long_config", "long_decode", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
-    "block_bytes", "block_bytes_table", "bytes_verdicts", "ENGINES", "engine_generate", "bytes_floor",
+    "block_bytes", "block_bytes_table", "bytes_verdicts", "ENGINES", "engine_generate", "bytes_floor", "qkv_step",
 ]

@@ -21,8 +21,8 @@ from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
 from .int8 import quant_bench
 from .long import LONG_VARIANTS, attention_lengths, long_decode
 from .machine import bandwidth
-from .paths import PATHS, check_paths
-from .parts import block_parts
+from .paths import PATHS, available_paths, check_paths
+from .parts import block_parts, qkv_step
 from .threads import threads_compare
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, all_variants, crossover, generate_bench
@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", nargs="+", default=list(BLOCK_VARIANTS), choices=list(BLOCK_VARIANTS))
     s.add_argument("--cache-len", type=int, default=128)
 
+    s = sub.add_parser("qkv", parents=[common, path],
+                       help="the convolution QKV's decoding step on each path (PyTorch, fused kernel), by width")
+    s.add_argument("--d-model", type=int, nargs="+", default=[384, 1024, 2048])
+    s.add_argument("--cache-len", type=int, default=128)
+
     s = sub.add_parser("crossover", parents=[common], help="decode vs dense-masked sparse FF, by batch size")
     s.add_argument("--batch-sizes", type=int, nargs="+", default=pick(default=[1, 4, 16, 64, 128, 256],
                                                                        fast=[1, 16, 64]))
@@ -165,6 +170,8 @@ def _run(args) -> pd.DataFrame:
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, variants=args.variants,
                               sparse_decode_max_rows=args.sparse_decode_max_rows, repeats=args.repeats,
                               progress=False, paths=args.paths)
+    if c == "qkv":
+        return qkv_step(args.d_model, cache_len=args.cache_len, paths=args.paths, repeats=args.repeats)
     if c == "parts":
         return block_parts(args.shape, args.variants, cache_len=args.cache_len, repeats=args.repeats)
     if c == "threads":
@@ -195,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "path"):
-            args.paths = check_paths(args.path)               # None -> [the best available]
+            # None -> [the best available]; the qkv command compares the paths: every one available
+            args.paths = check_paths(args.path if args.path or args.command != "qkv" else available_paths())
         with num_threads(args.threads):
             t0 = time.perf_counter()
             df = _run(args)

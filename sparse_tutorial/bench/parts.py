@@ -1,4 +1,5 @@
-"""``bench parts``: where the time of one block's decoding step goes, part by part, with the bytes of each.
+"""``bench parts``: where the time of one block's decoding step goes, part by part, with the bytes of each;
+``bench qkv``: the convolution QKV's whole decoding step on each path, by width.
 
 For a block of the paper's shapes (:data:`~.block.BLOCK_SHAPES`), one token against a cache of ``cache_len``
 positions, each part is timed on its own, cold cache, as the PyTorch operations the block runs: the sparse FF's
@@ -13,15 +14,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..layers.attention import CausalSelfAttention
-from ..layers.qkv import ConvQKVAttention
+from ..layers.attention import CausalSelfAttention, LayerCache
+from ..layers.qkv import ConvQKVAttention, modules_near_sqrt
 from ..layers.sparse_ff import SparseFF
 from ..model import Block
 from .block import BLOCK_VARIANTS, block_config
 from .harness import check_choice, free_memory, interleaved, machine_columns, positive
-from .paths import available_paths
+from .paths import available_paths, check_paths
 
-__all__ = ["block_parts"]
+__all__ = ["block_parts", "qkv_step"]
 
 
 def _ff_parts(ff, x: torch.Tensor) -> dict[str, tuple[object, float]]:
@@ -108,4 +109,54 @@ def block_parts(shape: str = "800m", variants=tuple(BLOCK_VARIANTS), *, cache_le
                          **machine_columns()})
         del block, parts
         free_memory()
+    return pd.DataFrame(rows)
+
+
+class _QKVStep:
+    """One convolution QKV layer decoding one token after ``cache_len`` cached positions, on ``path``."""
+
+    def __init__(self, d_model: int, n_modules: int, cache_len: int, path: str):
+        torch.manual_seed(0)
+        self.layer = ConvQKVAttention(d_model, n_modules).eval()
+        self.layer.decode_path = "pytorch" if path == "pytorch" else "fused"
+        self.layer.FUSED_MAX_D_MODEL = d_model                  # time the kernel beyond the width "auto" takes it
+        self.cache, self.cache_len = LayerCache(), cache_len
+        self.xs = torch.randn(8, 1, 1, d_model)
+        self.i = 0
+        with torch.inference_mode():
+            self.layer.decode_path, path_ = "pytorch", self.layer.decode_path
+            self.layer(torch.randn(1, cache_len, d_model), self.cache)       # the prompt: PyTorch's step
+            self.layer.decode_path = path_
+
+    def __call__(self):
+        self.cache.truncate(self.cache_len)
+        self.i = (self.i + 1) % len(self.xs)
+        return self.layer(self.xs[self.i], self.cache)
+
+
+def qkv_step(widths=(384, 1024, 2048), *, cache_len: int = 128, paths=None, repeats: int | None = None,
+             warmup: int = 3) -> pd.DataFrame:
+    """The convolution QKV layer's decoding step (one token, batch 1, ``cache_len`` cached positions) on each
+    path, at each ``d_model`` in ``widths`` (``S`` the divisor nearest ``sqrt(d_model)``), cold cache.
+
+    Columns: ``d_model``, ``S``, ``path``, ``µs per step``, ``speed-up vs pytorch`` and ``auto takes fused``
+    (whether ``decode_path="auto"`` takes the kernel at this width: ``ConvQKVAttention.FUSED_MAX_D_MODEL``).
+    The fused path is timed at every width, also beyond the one "auto" takes it at, to show where it stops
+    paying.
+    """
+    paths = check_paths(paths if paths is not None else available_paths())   # default: every path here
+    positive("cache_len", cache_len)
+    repeats = 50 if repeats is None else repeats
+    rows = []
+    for d in widths:
+        positive("d_model", d)
+        S = modules_near_sqrt(d)
+        steps = {p: _QKVStep(d, S, cache_len, p) for p in paths}
+        twins = {p: _QKVStep(16, 4, 4, p) for p in paths}
+        t = interleaved(steps, repeats=repeats, warmup=warmup, cold_cache=True, primes=twins)
+        for p in paths:
+            rows.append({"d_model": d, "S": S, "cache_len": cache_len, "path": p, "µs per step": t[p] * 1e6,
+                         "speed-up vs pytorch": t["pytorch"] / t[p] if "pytorch" in t else None,
+                         "auto takes fused": d <= ConvQKVAttention.FUSED_MAX_D_MODEL,
+                         "step taken": steps[p].layer.last_decode_path, **machine_columns()})
     return pd.DataFrame(rows)

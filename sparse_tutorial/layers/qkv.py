@@ -183,10 +183,10 @@ class ConvQKVAttention(nn.Module):
     """
 
     #: the fused decoding step (:mod:`.qkv_kernel`) applies to layers up to this ``d_model``. Its loops beat the
-    #: PyTorch step's dozen calls where the arithmetic is small (1.5x at d 384, S 16 on one thread, measured
-    #: beside a training) and lose where it is large: at d 1024 they broke even, at d 2048 they took 1.5x
-    #: PyTorch's time (whose products run in BLAS).
-    FUSED_MAX_D_MODEL = 512
+    #: PyTorch step's dozen calls where the arithmetic is small and lose where it is large, where PyTorch's
+    #: products run in BLAS: ``python -m sparse_tutorial.bench qkv`` (one thread, cold cache, beside a training)
+    #: gave 1.39x at d 384, 1.10x at d 1024 and 0.91x at d 2048.
+    FUSED_MAX_D_MODEL = 1024
 
     def __init__(self, d_model: int, n_modules: int, length_kernel: int = 3, dropout: float = 0.0,
                  decode_path: str = "auto"):
