@@ -173,3 +173,20 @@ def test_the_qkv_bench_times_every_path_at_every_width():
     assert df["auto takes fused"].all()
     with pytest.raises(ValueError, match="path"):
         qkv_step([32], paths=["gpu"], repeats=1)
+
+
+def test_a_kernel_that_fails_to_compile_leaves_the_cache_as_the_pytorch_step_wants_it(monkeypatch):
+    layer = make_layer(4, 6)
+    x = torch.randn(1, 7, layer.d_model)
+    with torch.no_grad():
+        ref, rc = decode(layer, x, 3, "pytorch")
+
+        def fail(*args):
+            raise qkv_kernel.KernelUnavailable("planted: no compiler")
+        monkeypatch.setattr(qkv_kernel, "run", fail)
+        layer.decode_path = "auto"
+        cache = LayerCache()
+        y = torch.cat([layer(x[:, :3], cache)] + [layer(x[:, t:t + 1], cache) for t in range(3, 7)], 1)
+        assert layer.last_decode_path == "pytorch"
+    torch.testing.assert_close(y, ref, **TOL)
+    assert_same_cache(cache, rc)

@@ -180,6 +180,9 @@ class ConvQKVAttention(nn.Module):
     ``cache.state["conv_context"]`` is the last ``length_kernel - 1`` multiplicative outputs ``(B, M, lk-1, S)``, the
     window a new token's convolution reads; ``cache.state["conv_inputs"]`` keeps them for every cached position, so
     :meth:`LayerCache.truncate` rolls the convolution back together with the keys and values.
+
+    A cached call of one new token per sequence takes, where :meth:`fused_unavailable` finds nothing against it,
+    the fused step of :mod:`.qkv_kernel`: the same arithmetic in one compiled call (``decode_path``).
     """
 
     #: the fused decoding step (:mod:`.qkv_kernel`) applies to layers up to this ``d_model``. Its loops beat the
@@ -277,8 +280,8 @@ class ConvQKVAttention(nn.Module):
         kernel reads the convolution's state) and ``d_model`` up to :attr:`FUSED_MAX_D_MODEL`."""
         if not _kernel_module().available():
             return _kernel_module().unavailable_reason()
-        if torch.compiler.is_compiling():
-            return "a traced graph (torch.export, the ONNX export) runs the PyTorch step"
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return "a traced graph (torch.export, the ONNX export, torch.jit.trace) runs the PyTorch step"
         if x.shape[1] != 1:
             return f"{x.shape[1]} new tokens in one call; the kernel decodes one at a time"
         if self.d_model > self.FUSED_MAX_D_MODEL:
@@ -341,9 +344,11 @@ class ConvQKVAttention(nn.Module):
         if cache is not None and self.decode_path != "pytorch":
             why_not = self.fused_unavailable(x)
             if why_not is None:
+                P = cache.length
                 try:
                     return self._fused_step(x, cache)
                 except _kernel_module().KernelUnavailable as e:           # it failed to compile on this machine
+                    cache.truncate(P)                                      # forget the position it claimed
                     why_not = str(e)
             if self.decode_path == "fused":
                 raise ValueError(f"decode_path='fused' does not apply to this call: {why_not}")
