@@ -187,8 +187,8 @@ class ConvQKVAttention(nn.Module):
 
     #: the fused decoding step (:mod:`.qkv_kernel`) applies to layers up to this ``d_model``. Its loops beat the
     #: PyTorch step's dozen calls where the arithmetic is small and lose where it is large, where PyTorch's
-    #: products run in BLAS: ``python -m sparse_tutorial.bench qkv`` (one thread, cold cache, beside a training)
-    #: gave 1.39x at d 384, 1.10x at d 1024 and 0.91x at d 2048.
+    #: products run in BLAS: ``python -m sparse_tutorial.bench qkv`` (one thread, cold cache, 128 cached positions,
+    #: a quiet 2-core Intel Xeon) gave 1.24x at d 384, 1.06x at d 1024 and 0.86x at d 2048.
     FUSED_MAX_D_MODEL = 1024
 
     def __init__(self, d_model: int, n_modules: int, length_kernel: int = 3, dropout: float = 0.0,
