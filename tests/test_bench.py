@@ -400,3 +400,20 @@ def test_parts_break_each_variant_into_its_parts_with_their_bytes(capsys, tmp_pa
     assert w1 == pytest.approx(cfg.d_ff // cfg.ff_block_size * cfg.d_model * 4 / 1e6)   # one row a block
     assert (rows["GB/s"] == rows["MB"] / 1e3 / (rows["µs"] / 1e6)).all() or \
         rows["GB/s"].round(6).equals((rows["MB"] / 1e3 / (rows["µs"] / 1e6)).round(6))
+
+
+def test_a_timed_block_step_writes_into_the_caches_buffers_without_regrowing_them():
+    """Each timed step of a sparse QKV block writes its position into the buffers in place, as a real decoding
+    step does: copying the whole convolution state (or the keys) every call would be timed as part of the block."""
+    import torch
+
+    from sparse_tutorial.bench.block import _BlockStep, block_config
+
+    step = _BlockStep(block_config("tiny", "sparse FF + QKV"), cache_len=8)
+    with torch.inference_mode():
+        step()
+        buffers = [step.cache.state["conv_inputs"].data_ptr(), *(b.data_ptr() for b in step.cache.buffers())]
+        for _ in range(3):
+            step()
+            assert [step.cache.state["conv_inputs"].data_ptr(),
+                    *(b.data_ptr() for b in step.cache.buffers())] == buffers

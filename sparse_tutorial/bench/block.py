@@ -74,8 +74,10 @@ class _BlockStep:
         with torch.inference_mode():                # fill the cache by prefilling random positions
             self.cache = LayerCache()
             self.block(torch.randn(1, cache_len, cfg.d_model), self.cache)
-            self.saved_state = dict(self.cache.state)
             self.block(torch.randn(1, 1, cfg.d_model), self.cache)    # one step, so the buffers have room
+            # the state after that step: its per-position buffers (the convolution's inputs) have room too, as
+            # in real decoding, where a buffer grows by doubling and a step rarely copies the history
+            self.saved_state = dict(self.cache.state)
         self.cache.truncate(cache_len)
         self.cache_len = cache_len
         self.xs = torch.randn(n_inputs, 1, 1, cfg.d_model)              # (n_inputs, B=1, T=1, C)
