@@ -61,9 +61,11 @@ def unavailable_reason() -> str | None:
 def _check_model(model: TransformerLM) -> None:
     cfg = model.cfg
     if cfg.qkv not in _QKV_KINDS:
-        raise ValueError(f"the decoding graphs (ONNX, TorchScript) take qkv in {list(_QKV_KINDS)}, got qkv={cfg.qkv!r}")
+        raise ValueError(f"the decoding graphs (ONNX, TorchScript) take qkv in {list(_QKV_KINDS)}, "
+                         f"got qkv={cfg.qkv!r}")
     if cfg.reversible or cfg.sru_dim:
-        raise ValueError(f"the decoding graphs (ONNX, TorchScript) take neither reversible streams nor the SRU branch, got "
+        raise ValueError(f"the decoding graphs (ONNX, TorchScript) take neither reversible streams nor the SRU "
+                         f"branch, got "
                          f"reversible={cfg.reversible!r}, sru_dim={cfg.sru_dim!r}")
 
 

@@ -22,8 +22,9 @@ growing and truncating the cache stay the PyTorch path's; the kernel only writes
 Like :mod:`.sparse_ff_kernel` it is compiled with ``fastmath=False`` except the dot products of the attention,
 whose additions may be regrouped into vector lanes (as BLAS does): results differ from PyTorch's only by
 rounding. Each loop reads four rows per pass over its output row (four rows of ``E``, four input channels of
-the convolution, four keys, four values), so a row of sums is loaded and stored once for four multiply-adds. One thread: at the widths where the fused step pays, starting threads costs more than the work. Only
-float32 on the CPU is compiled; the layer falls back to its PyTorch step otherwise, and without Numba.
+the convolution, four keys, four values), so a row of sums is loaded and stored once for four multiply-adds.
+One thread: at the widths where the fused step pays, starting threads costs more than the work. Only float32 on
+the CPU is compiled; the layer falls back to its PyTorch step otherwise, and without Numba.
 """
 from __future__ import annotations
 
