@@ -5,30 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from test_onnx_engine import pytorch_steps, tiny     # the same tiny models and eager reference as the ONNX tests
+
 from sparse_tutorial import onnx_engine
 from sparse_tutorial.layers import sparse_ff_kernel
-from sparse_tutorial.model import ModelConfig, TransformerLM
-
-
-def tiny(**kw):
-    base = dict(vocab_size=40, context_length=32, d_model=32, n_heads=2, n_layers=2, d_ff=128, ff_block_size=8)
-    base.update(kw)
-    torch.manual_seed(0)
-    return TransformerLM(ModelConfig(**base)).eval()
-
-
-def pytorch_steps(model, prompt, n):
-    """Eager PyTorch's greedy tokens and the last position's logits after the prompt and after each step."""
-    cache, logits_seen = model.new_cache(), []
-    with torch.no_grad():
-        logits, _ = model(prompt, cache=cache)
-        idx = prompt
-        for _ in range(n):
-            logits_seen.append(logits[:, -1].numpy())
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            idx = torch.cat([idx, nxt], 1)
-            logits, _ = model(nxt, cache=cache)
-    return idx.numpy(), logits_seen
 
 
 @pytest.mark.parametrize("kinds, batch, prompt_len", [

@@ -117,16 +117,14 @@ class _QKVStep:
 
     def __init__(self, d_model: int, n_modules: int, cache_len: int, path: str):
         torch.manual_seed(0)
-        self.layer = ConvQKVAttention(d_model, n_modules).eval()
-        self.layer.decode_path = "pytorch" if path == "pytorch" else "fused"
-        self.layer.FUSED_MAX_D_MODEL = d_model                  # time the kernel beyond the width "auto" takes it
+        self.layer = ConvQKVAttention(d_model, n_modules, decode_path="pytorch").eval()
         self.cache, self.cache_len = LayerCache(), cache_len
         self.xs = torch.randn(8, 1, 1, d_model)
         self.i = 0
         with torch.inference_mode():
-            self.layer.decode_path, path_ = "pytorch", self.layer.decode_path
             self.layer(torch.randn(1, cache_len, d_model), self.cache)       # the prompt: PyTorch's step
-            self.layer.decode_path = path_
+        self.layer.decode_path = "pytorch" if path == "pytorch" else "fused"
+        self.layer.FUSED_MAX_D_MODEL = d_model                  # time the kernel beyond the width "auto" takes it
 
     def __call__(self):
         self.cache.truncate(self.cache_len)

@@ -33,6 +33,7 @@ import math
 import numpy as np
 
 from . import sparse_ff_kernel
+from .sparse_ff_kernel import _dot, _dot4   # the dot products, one and four rows at a time, compiled there
 
 try:                                        # optional: without Numba the layer keeps its PyTorch step
     from numba import njit
@@ -64,25 +65,6 @@ def unavailable_reason() -> str | None:
 # --------------------------------------------------------------------------------------------------
 # The kernel: plain Python, compiled by Numba
 # --------------------------------------------------------------------------------------------------
-
-
-def _dot(a, b, n):
-    """``a[:n] . b[:n]`` in float32; the additions may be regrouped into vector lanes."""
-    s = np.float32(0.0)
-    for i in range(n):
-        s += a[i] * b[i]
-    return s
-
-
-def _dot4(a0, a1, a2, a3, b, n):
-    """Four dot products with ``b`` in one pass (four keys against one query)."""
-    s0 = s1 = s2 = s3 = np.float32(0.0)
-    for i in range(n):
-        s0 += a0[i] * b[i]
-        s1 += a1[i] * b[i]
-        s2 += a2[i] * b[i]
-        s3 += a3[i] * b[i]
-    return s0, s1, s2, s3
 
 
 def _multiplicative(x, d, e, bm, u):
@@ -215,8 +197,6 @@ def _conv_qkv_step(x, d, e, bm, wt, wb, conv_in, kbuf, vbuf, P, out):
 KERNEL_SOURCE_FUNCTIONS = (_conv_qkv_step, _attend)
 
 if njit is not None:
-    _dot = njit(fastmath={"reassoc"}, cache=True)(_dot)
-    _dot4 = njit(fastmath={"reassoc"}, cache=True)(_dot4)
     _multiplicative = njit(fastmath=False, cache=True)(_multiplicative)
     _convolution = njit(fastmath=False, cache=True)(_convolution)
     _attend = njit(fastmath=False, cache=True)(_attend)
