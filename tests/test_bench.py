@@ -417,3 +417,29 @@ def test_a_timed_block_step_writes_into_the_caches_buffers_without_regrowing_the
             step()
             assert [step.cache.state["conv_inputs"].data_ptr(),
                     *(b.data_ptr() for b in step.cache.buffers())] == buffers
+
+
+def test_train_times_every_training_path_it_is_given(capsys, tmp_path, monkeypatch):
+    """`bench train --path fused pytorch`: the first path in the main columns, the other beside it, and the
+    sparse models' layers really took those paths (the book's recipe: every call hard)."""
+    from sparse_tutorial.bench import training
+    from sparse_tutorial.layers import sparse_ff_kernel
+    if not sparse_ff_kernel.available():
+        pytest.skip("numba is not installed")
+    taken = []
+    original = training.sparse_ff_layers
+
+    def spy(model):
+        layers = original(model)
+        taken.append(layers)
+        return layers
+    monkeypatch.setattr(training, "sparse_ff_layers", spy)
+    out = run_json(capsys, tmp_path, *TINY["train"], "--path", "fused", "pytorch")
+    row = out["rows"][0]
+    assert out["paths"] == ["fused", "pytorch"] and row["path"] == "fused"
+    assert row["sparse (pytorch) / dense"] == pytest.approx(row["sparse (pytorch) s per step"]
+                                                            / row["dense s per step"])
+    dense_layers, fused_layers, pytorch_layers = taken
+    assert not dense_layers
+    assert {(l.last_train_path, l.hard_prob) for l in fused_layers} == {("fused", 1.0)}
+    assert {(l.last_train_path, l.hard_prob) for l in pytorch_layers} == {("pytorch", 1.0)}

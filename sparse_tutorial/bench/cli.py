@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--d-model", type=int, default=384)
     s.add_argument("--n-layers", type=int, default=6)
 
-    s = sub.add_parser("train", parents=[common], help="seconds per training step, dense vs sparse")
+    s = sub.add_parser("train", parents=[common, path], help="seconds per training step, dense vs sparse (--path: "
+                       "the sparse FF's training path, SparseFF.train_path)")
     s.add_argument("--d-model", type=int, default=pick(default=128, fast=64))
     s.add_argument("--n-layers", type=int, default=pick(default=4, fast=2))
     s.add_argument("--batch-size", type=int, default=pick(default=32, fast=8))
@@ -182,7 +183,8 @@ def _run(args) -> pd.DataFrame:
                          progress=False)
     if c == "train":
         return train_step(args.d_model, args.n_layers, batch_size=args.batch_size,
-                          context_length=args.context_length, repeats=args.repeats, progress=False)
+                          context_length=args.context_length, repeats=args.repeats, paths=args.paths,
+                          progress=False)
     if c == "attention":
         lengths = args.lengths or pick(default=[512, 1024, 2048, 4096, 8192, 16384], fast=[128, 256, 512, 1024])
         return attention_lengths(lengths, window=args.window, n_hashes=args.hashes, repeats=args.repeats,
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.command}: {machine['cpu']}, {machine['logical cores']} logical cores, torch "
                   f"{machine['torch']} with {machine['torch threads']} threads, timed by {machine['clock']} "
                   f"({elapsed:.1f} s)"
-                  + (f", sparse FF decode path: {' and '.join(args.paths)}" if hasattr(args, "paths") else ""))
+                  + (f", sparse FF {'training' if args.command == 'train' else 'decode'} path: "
+                     f"{' and '.join(args.paths)}" if hasattr(args, "paths") else ""))
             print(shown.to_string(index=False))
             if csv:
                 print(f"written: {csv}")

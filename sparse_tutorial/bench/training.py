@@ -8,31 +8,45 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import pick
-from ..model import ModelConfig, TransformerLM
+from ..model import BOOK_RECIPE, ModelConfig, TransformerLM
 from .harness import check_counts, clock, machine_columns, positive
+from .paths import check_paths, sparse_ff_layers
 
 __all__ = ["train_step"]
 
 
 def train_step(d_model: int = 128, n_layers: int = 4, *, batch_size: int = 32, context_length: int = 128,
-               block_size: int = 32, repeats: int | None = None, warmup: int = 2,
+               block_size: int = 32, repeats: int | None = None, warmup: int = 2, paths=None,
                progress: bool = True) -> pd.DataFrame:
     """Seconds per training step (forward, backward, gradient clipping, AdamW) of a dense and a sparse FF
-    model of the book's shape (``d_ff = 4 d_model``), on random tokens, interleaved."""
+    model of the book's shape (``d_ff = 4 d_model``) and recipe (:data:`~sparse_tutorial.model.BOOK_RECIPE`), on
+    random tokens, interleaved.
+
+    ``paths`` (default: the best here) picks how the sparse model's training calls compute the mask and the
+    ReLU (:attr:`SparseFF.train_path <sparse_tutorial.layers.sparse_ff.SparseFF.train_path>`): ``"pytorch"``
+    (``SparseFF.mask`` and the ReLU) or ``"fused"`` (the kernels of :mod:`sparse_tutorial.layers.sparse_ff_kernel`).
+    With several paths, one sparse model per path (the same weights) is timed in the same rounds; the first
+    fills the main columns, the others get columns of their own.
+    """
     for name, v in (("d_model", d_model), ("n_layers", n_layers), ("batch_size", batch_size),
                     ("context_length", context_length), ("block_size", block_size)):
         positive(name, v)
+    paths = check_paths(paths)
     repeats = pick(default=10, fast=3) if repeats is None else repeats
     check_counts(repeats, warmup)
     torch.manual_seed(0)
     x = torch.randint(0, 65, (batch_size, context_length))
     y = torch.randint(0, 65, (batch_size, context_length))
     steps = {}
-    for ff in ("dense", "sparse"):
+    for name in ["dense"] + paths:
+        ff = "dense" if name == "dense" else "sparse"
         cfg = ModelConfig(vocab_size=65, context_length=context_length, d_model=d_model,
                           n_heads=max(1, d_model // 32), n_layers=n_layers, d_ff=4 * d_model, dropout=0.0,
-                          ff=ff, ff_block_size=block_size)
+                          ff=ff, ff_block_size=block_size, **BOOK_RECIPE)
+        torch.manual_seed(1)                                           # every sparse model: the same weights
         model = TransformerLM(cfg).train()
+        for layer in sparse_ff_layers(model):
+            layer.train_path = "auto" if name == "fused" else "pytorch"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(model=model, opt=opt):
@@ -41,7 +55,7 @@ def train_step(d_model: int = 128, n_layers: int = 4, *, batch_size: int = 32, c
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-        steps[ff] = step
+        steps[name] = step
     samples, now = {k: [] for k in steps}, clock()
     for _ in range(warmup):
         for fn in steps.values():
@@ -52,7 +66,11 @@ def train_step(d_model: int = 128, n_layers: int = 4, *, batch_size: int = 32, c
             fn()
             samples[k].append(now() - t0)
     med = {k: statistics.median(s) for k, s in samples.items()}
-    return pd.DataFrame([{"d_model": d_model, "n_layers": n_layers, "batch_size": batch_size,
-                          "context_length": context_length, "dense s per step": med["dense"],
-                          "sparse s per step": med["sparse"], "sparse / dense": med["sparse"] / med["dense"],
-                          **machine_columns()}])
+    first = paths[0]
+    row = {"d_model": d_model, "n_layers": n_layers, "batch_size": batch_size, "context_length": context_length,
+           "path": first, "dense s per step": med["dense"], "sparse s per step": med[first],
+           "sparse / dense": med[first] / med["dense"]}
+    for p in paths[1:]:
+        row[f"sparse ({p}) s per step"] = med[p]
+        row[f"sparse ({p}) / dense"] = med[p] / med["dense"]
+    return pd.DataFrame([{**row, **machine_columns()}])

@@ -9,7 +9,8 @@ does not.)
 
 * controller ``logits = x C1 C2 + c`` (low rank ``d_lowrank``, bias on the output only), per-block softmax;
 * training: Gumbel-perturbed argmax (noise x 0.1), straight-through one-hot, hard mask on 30% of calls and
-  the soft mask otherwise; the mask multiplies ``x W1`` *before* the ReLU; no first-layer bias; dense compute;
+  the soft mask otherwise; the mask multiplies ``x W1`` *before* the ReLU; no first-layer bias; dense compute
+  (the mask and the ReLU in one fused pass each way where :mod:`.sparse_ff_kernel` applies, ``train_path``);
 * eval: one-hot of the argmax, same dense formula;
 * :meth:`SparseFF.decode`: the real sparse computation, gathering only the selected rows of ``W1^T`` and ``W2``;
   in PyTorch (the readable reference) or, where it applies, in one fused call (:mod:`.sparse_ff_kernel`,
@@ -136,6 +137,33 @@ class _StraightThrough(torch.autograd.Function):
         return None, grad
 
 
+class _FusedMask(torch.autograd.Function):
+    """``relu(h * mask)`` of a training call, forward and backward each in one pass of the fused kernels
+    (:mod:`.sparse_ff_kernel`'s ``mask_forward``, ``sample`` and ``mask_backward``), where :meth:`SparseFF.mask`
+    and the ReLU take about a dozen PyTorch passes over the ``(tokens, d_ff)`` scores. Same values and gradients
+    as that path (``tests/test_fused_train.py``). ``h`` and ``logits`` are ``(R, N)``: one row per block of each
+    token. A hard call passes ``chosen`` ``(R,)``, or ``u`` ``(R,)`` and the whole ``power`` for the kernel's
+    sampler to draw it."""
+
+    @staticmethod
+    def forward(ctx, h, logits, hard, chosen, u, power, scale_by_prob):
+        kernel = _kernel_module()
+        p = F.softmax(logits, dim=-1)                                  # (R, N) the in-block softmax
+        if hard and chosen is None:
+            chosen = kernel.sample(p, u, power)                        # (R,)
+        act = kernel.mask_forward(p, h, chosen, hard, scale_by_prob)  # (R, N)
+        ctx.save_for_backward(p, h, chosen)
+        ctx.hard, ctx.scale_by_prob = hard, scale_by_prob
+        return act
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, h, chosen = ctx.saved_tensors
+        grad_h, grad_logits = _kernel_module().mask_backward(grad.contiguous(), p, h, chosen, ctx.hard,
+                                                             ctx.scale_by_prob)
+        return grad_h, grad_logits, None, None, None, None, None
+
+
 class SparseFF(FeedForward):
     """Sparse feed-forward layer: one active unit in each block of ``block_size`` units.
 
@@ -222,6 +250,9 @@ class SparseFF(FeedForward):
         self.decode_path = decode_path
         #: the path the last :meth:`decode` call took, ``"fused"`` or ``"pytorch"`` (None before the first)
         self.last_decode_path: str | None = None
+        self.train_path = "auto"
+        #: the path the last training call took, ``"fused"`` or ``"pytorch"`` (None before the first)
+        self.last_train_path: str | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -305,11 +336,73 @@ class SparseFF(FeedForward):
 
     # -- the dense-compute path (training and eval) -------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense compute with a mask: ``relu((x W1) * mask) W2 + b2``. Shapes ``(..., d_model)``."""
+        """Dense compute with a mask: ``relu((x W1) * mask) W2 + b2``. Shapes ``(..., d_model)``.
+
+        A training call takes the fused kernel for the mask and the ReLU where it applies (see
+        :attr:`train_path`): the same values, gradients and random draws as the code below, in one pass.
+        """
+        if self.training and self.train_path != "pytorch":
+            why_not = self.fused_train_unavailable(x)
+            if why_not is None:
+                try:
+                    return self._fused_forward(x)
+                except _kernel_module().KernelUnavailable as e:   # it failed to compile on this machine
+                    why_not = str(e)                           # (this call then draws its numbers again)
+            if self.train_path == "fused":
+                raise ValueError(f"train_path='fused' does not apply to this call: {why_not}")
+        if self.training:
+            self.__dict__["last_train_path"] = "pytorch"
         m = self.mask(x)                                               # (..., n_blocks, block_size)
         h = F.linear(x, self.w1).unflatten(-1, (self.n_blocks, self.block_size))
         h = F.relu(h * m).flatten(-2)                                  # (..., d_ff)
         return self.dropout(h @ self.w2 + self.b2)                     # (..., d_model)
+
+    @property
+    def train_path(self) -> str:
+        """How a training call computes the mask and the ReLU: one of :data:`DECODE_PATHS`. ``"auto"`` (the
+        default) takes the fused kernel (:func:`.sparse_ff_kernel.mask_forward`) where
+        :meth:`fused_train_unavailable` finds nothing against it, ``"pytorch"`` always :meth:`mask` and the code
+        of :meth:`forward`, ``"fused"`` always the kernel (a ValueError saying why when it does not apply)."""
+        return self.__dict__.get("_train_path", "auto")             # layers pickled before the option: "auto"
+
+    @train_path.setter
+    def train_path(self, value: str) -> None:
+        if value not in DECODE_PATHS:
+            raise ValueError(f"train_path must be one of {DECODE_PATHS}, got train_path={value!r}")
+        self._train_path = value
+
+    def fused_train_unavailable(self, x: torch.Tensor) -> str | None:
+        """Why a training call on ``x`` cannot take the fused mask kernel, or None when it can: it needs Numba,
+        float32 on the CPU, and eager PyTorch (not a traced or compiled graph)."""
+        kernel = _kernel_module()
+        if not kernel.available():
+            return kernel.unavailable_reason()
+        if x.dtype != torch.float32 or not x.is_cpu or self.w1.dtype != torch.float32 or not self.w1.is_cpu:
+            return f"the kernel is compiled for float32 on the CPU, x is {x.dtype} on {x.device}"
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return "a traced or compiled graph cannot call the kernel"
+        return None
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` in training mode with the mask and the ReLU fused (:class:`_FusedMask`). It draws the
+        same random numbers as :meth:`mask`, in the same order: the hard-or-soft coin, then one uniform number
+        per block for the hard choice (by the kernel's sampler when ``1 / noise_scale`` is whole, else by
+        :meth:`_sample`)."""
+        logits = self.block_logits(x)                                  # (..., n_blocks, block_size)
+        use_hard = bool(torch.rand(()) < self.hard_prob)               # as mask(): one draw per call
+        self.last_mask_hard = use_hard
+        chosen = u = power = None
+        if use_hard:
+            power = _kernel_module().sample_power(self.noise_scale)
+            if power is None:                                          # no noise, or a power not compiled
+                chosen = self._sample(logits.detach()).view(-1)       # (R,)
+            else:                                                      # as _sample(): one number per block
+                u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device).view(-1)
+        h = F.linear(x, self.w1)                                       # (..., d_ff)
+        act = _FusedMask.apply(h.view(-1, self.block_size), logits.reshape(-1, self.block_size), use_hard,
+                               chosen, u, power, self.scale_by_prob)  # (R, N)
+        self.__dict__["last_train_path"] = "fused"
+        return self.dropout(act.view(h.shape) @ self.w2 + self.b2)     # (..., d_model)
 
     # -- the sparse path ----------------------------------------------------------------------------
     #: most tokens per call the fused kernel takes (it gathers rows for every token); more go through PyTorch,

@@ -1,4 +1,5 @@
-"""A fused decoding kernel for :class:`~sparse_tutorial.layers.sparse_ff.SparseFF` (chapter 5), written with Numba.
+"""Fused kernels for :class:`~sparse_tutorial.layers.sparse_ff.SparseFF`, written with Numba: one decoding step
+(chapter 5), and the mask of a training call (chapter 3, at the end of this docstring).
 
 :meth:`SparseFF.decode <sparse_tutorial.layers.sparse_ff.SparseFF.decode>` spells the sparse computation in about
 eleven PyTorch calls per token, and copies the selected rows of ``W1^T`` into a buffer before it multiplies them.
@@ -23,6 +24,15 @@ falls back to its PyTorch ``decode`` for anything else, and when Numba is not in
 No unit is skipped when its ReLU is zero: the kernel reads the ``W2`` row of every selected unit, as the bytes
 that chapter 5's limit counts. (Skipping them would make the benchmark's random weights, where about half the
 selected units are negative, look cheaper than a trained layer whose chosen units may mostly fire.)
+
+**Training** (:func:`mask_forward`, :func:`sample`, :func:`mask_backward`, used by ``SparseFF.forward`` in training
+mode through its ``train_path``): ``relu(h * mask)`` and its gradients, where ``SparseFF.mask`` and the ReLU take
+about a dozen PyTorch passes over the ``(tokens, d_ff)`` scores, each pass memory-bound. The in-block softmax stays
+a PyTorch call; the hard choice, the masked ReLU and the whole backward are one pass each. The sampler draws from
+``p ** (1 / noise_scale)``, normalised, which equals ``softmax(scores / noise_scale)`` without a second softmax; it
+is compiled for each whole power (10 for the reference's 0.1), so the power is a few multiplications. The sums of
+the training kernels run in the source's order except the sampler's (regrouped into vector lanes, as the dot
+products'): a choice is a draw, not a reduction to reproduce bit for bit.
 """
 from __future__ import annotations
 
@@ -38,7 +48,8 @@ except ImportError:                         # pragma: no cover - exercised by mo
     numba = None
 
 __all__ = ["available", "unavailable_reason", "KernelUnavailable", "prepare", "run", "fused_decode", "kernel_threads",
-           "PARALLEL_MIN_BYTES", "KERNEL_SOURCE_FUNCTIONS"]
+           "PARALLEL_MIN_BYTES", "KERNEL_SOURCE_FUNCTIONS", "mask_forward", "mask_backward", "sample",
+           "sample_power", "MAX_POWER", "PARALLEL_MIN_ENTRIES", "TRAIN_SOURCE_FUNCTIONS"]
 
 #: below this many bytes of weights read per token the kernel runs on one thread whatever the thread count:
 #: starting and joining the other threads costs more than the rows it would share out
@@ -259,6 +270,101 @@ def _decode_kernel(x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob,
 KERNEL_SOURCE_FUNCTIONS = (_decode_kernel, _add_w2_rows)
 
 
+# --------------------------------------------------------------------------------------------------
+# Training: the mask, the ReLU and their backward in one pass over the scores (chapter 3)
+# --------------------------------------------------------------------------------------------------
+
+
+def _mask_forward(p, h, chosen, hard, scale_by_prob, act):
+    """``act = relu(h * mask)`` for ``R`` rows (one block of one token each)
+    of ``N`` units: ``p``, ``h`` and ``act`` are ``(R, N)``, ``p`` the
+    in-block softmax of the scores. Soft calls (``hard`` False) use ``p`` as
+    the mask. Hard calls keep unit ``chosen[r]`` of row ``r`` (times its
+    ``p`` with ``scale_by_prob``) and zero the others."""
+    R, N = p.shape
+    if not hard:
+        for r in prange(R):
+            pr, hr, ar = p[r], h[r], act[r]
+            for j in range(N):
+                a = hr[j] * pr[j]
+                ar[j] = a if a > 0 else np.float32(0.0)
+        return
+    act[:] = np.float32(0.0)
+    for r in prange(R):
+        c = chosen[r]
+        a = h[r, c] * p[r, c] if scale_by_prob else h[r, c]
+        act[r, c] = a if a > 0 else np.float32(0.0)
+
+
+def _power(q):
+    """``q ** k``: :func:`_sampler` compiles :func:`_sample_source` with one of these for each whole ``k``."""
+    raise NotImplementedError("compiled per power by _sampler")
+
+
+def _sample_source(p, u, chosen):
+    """The hard choice of every row, drawn from ``softmax(scores /
+    noise_scale)``, which is ``p ** k`` normalised for ``k = 1 / noise_scale``:
+    the first unit whose cumulative sum reaches ``u[r]`` times the total, as
+    ``SparseFF._sample``. ``_power`` (``q ** k`` for a whole ``k``) is
+    compiled for each ``k``, so it is a few multiplications, in float64
+    (``p ** 10`` of a small ``p`` is far below float32's range)."""
+    R, N = p.shape
+    for r in prange(R):
+        pr = p[r]
+        total = 0.0
+        for j in range(N):
+            total += _power(np.float64(pr[j]))
+        target = np.float64(u[r]) * total
+        c, cum = N - 1, 0.0
+        for j in range(N):
+            cum += _power(np.float64(pr[j]))
+            if cum >= target:
+                c = j
+                break
+        chosen[r] = c
+
+
+def _mask_backward(g, p, h, chosen, hard, scale_by_prob, grad_h, grad_logits):
+    """The gradients of :func:`_mask_forward`'s ``act`` given ``g = d loss /
+    d act``: ``grad_h`` and ``grad_logits``, all ``(R, N)``, as PyTorch's
+    autograd computes them for ``relu(h * mask)``: the ReLU passes where its
+    input is positive, the mask's gradient goes to ``p`` (straight through
+    the hard choice), then the softmax's ``p * (g_p - sum(g_p * p))``. In a
+    hard row the unchosen units' ReLU input is zero, so only the chosen unit
+    has a gradient before the softmax."""
+    R, N = p.shape
+    if hard:
+        grad_h[:] = np.float32(0.0)
+        for r in prange(R):
+            pr, ghr, glr = p[r], grad_h[r], grad_logits[r]
+            c = chosen[r]
+            s = pr[c] if scale_by_prob else np.float32(1.0)
+            gm = np.float32(0.0)
+            if h[r, c] * s > 0:
+                ghr[c] = g[r, c] * s
+                gm = g[r, c] * h[r, c]
+            t = np.float32(0.0) - gm * pr[c]    # -sum_j g_p[j] p[j]: one term
+            for j in range(N):
+                glr[j] = pr[j] * t
+            glr[c] = pr[c] * (gm + t)
+        return
+    for r in prange(R):
+        pr, hr, gr = p[r], h[r], g[r]
+        ghr, glr = grad_h[r], grad_logits[r]
+        t = np.float32(0.0)
+        for j in range(N):
+            live = hr[j] * pr[j] > 0
+            ghr[j] = gr[j] * pr[j] if live else np.float32(0.0)
+            glr[j] = gr[j] * hr[j] if live else np.float32(0.0)  # g_p for now
+            t += glr[j] * pr[j]
+        for j in range(N):
+            glr[j] = pr[j] * (glr[j] - t)
+
+
+#: the functions chapter 3 prints with ``inspect.getsource``
+TRAIN_SOURCE_FUNCTIONS = (_sample_source, _mask_forward, _mask_backward)
+
+
 def _renamed(fn, name):
     """``fn`` under another name: Numba's disk cache is named after the function, so the one-thread and the
     threaded compilations of one source need two names not to overwrite each other's cache."""
@@ -279,6 +385,10 @@ if numba is not None:
     _kernel_serial = njit(fastmath=False, cache=True)(_renamed(_decode_kernel, "_decode_kernel_serial"))
     #: several threads: the ``prange`` loops are shared out
     _kernel_parallel = njit(parallel=True, fastmath=False, cache=True)(_decode_kernel)
+    _mask_forward_serial = njit(fastmath=False, cache=True)(_renamed(_mask_forward, "_mask_forward_serial"))
+    _mask_forward_parallel = njit(parallel=True, fastmath=False, cache=True)(_mask_forward)
+    _mask_backward_serial = njit(fastmath=False, cache=True)(_renamed(_mask_backward, "_mask_backward_serial"))
+    _mask_backward_parallel = njit(parallel=True, fastmath=False, cache=True)(_mask_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,28 +439,121 @@ def run(x: np.ndarray, weights: tuple, block_size: int, scale_by_prob: bool = Fa
     out = np.empty((B, d), dtype=np.float32)
     chosen = np.empty((B, n_blocks), dtype=np.int64)
     n_chunks = n if chunks is None else chunks
-    try:
-        _call(n, (x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chunks, out, chosen))
-    except numba.core.errors.NumbaError as e:    # a compiler that fails on this machine: say so, fall back
-        first_line = (str(e).splitlines() or [""])[0]
-        _COMPILE_ERROR.append(f"the kernel did not compile here ({type(e).__name__}: {first_line})")
-        raise KernelUnavailable(_COMPILE_ERROR[0]) from e
+    _call(n, "_kernel", (x, c1, c2t, c2b, w1, w2, b2, block_size, scale_by_prob, n_chunks, out, chosen))
     return out, chosen
 
 
-def _call(n: int, args: tuple) -> None:
-    """Run the one-thread kernel (``n == 1``) or the threaded one on ``n`` threads."""
-    if n == 1:
-        _kernel_serial(*args)
-    else:
+def _call(n: int, name: str, args: tuple) -> None:
+    """Run the one-thread compilation of kernel ``name`` (``n == 1``) or the threaded one on ``n`` threads;
+    a compiler that fails on this machine is recorded and raised as :class:`KernelUnavailable`."""
+    try:
+        if n == 1:
+            globals()[name + "_serial"](*args)
+            return
         torch_threads = torch.get_num_threads()
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
-        _kernel_parallel(*args)
+        globals()[name + "_parallel"](*args)
         if torch.get_num_threads() != torch_threads:
             # Numba's OpenMP pool, started by its first threaded call, sets the OpenMP thread count of the
             # process, which is also PyTorch's: put PyTorch's back
             torch.set_num_threads(torch_threads)
+    except numba.core.errors.NumbaError as e:    # a compiler that fails on this machine: say so, fall back
+        first_line = (str(e).splitlines() or [""])[0]
+        _COMPILE_ERROR.append(f"the kernel did not compile here ({type(e).__name__}: {first_line})")
+        raise KernelUnavailable(_COMPILE_ERROR[0]) from e
+
+
+#: below this many mask entries per call the training kernels run on one thread
+PARALLEL_MIN_ENTRIES = 1 << 14
+
+
+def mask_forward(p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor | None, hard: bool,
+                 scale_by_prob: bool, threads: int | None = None) -> torch.Tensor:
+    """:func:`_mask_forward` on PyTorch tensors (float32, CPU): ``p``, ``h`` ``(R, N)`` and (hard calls)
+    ``chosen`` ``(R,)`` -> ``act (R, N)``."""
+    if not available():
+        raise KernelUnavailable(unavailable_reason())
+    R, N = p.shape
+    act = np.empty((R, N), dtype=np.float32)
+    c = _array(chosen) if chosen is not None else np.zeros(0, dtype=np.int64)
+    _call(_threads(R * N, threads), "_mask_forward", (_array(p), _array(h), c, hard, scale_by_prob, act))
+    return torch.from_numpy(act)
+
+
+#: the largest ``1 / noise_scale`` :func:`sample` compiles a sampler for
+MAX_POWER = 64
+
+#: per whole power ``k``: the compiled one-thread and threaded samplers
+_SAMPLERS: dict[int, tuple] = {}
+
+
+def sample_power(noise_scale: float) -> int | None:
+    """``1 / noise_scale`` when it is a whole number from 1 to :data:`MAX_POWER` (the kernel's sampler then
+    applies; the reference's 0.1 gives 10), else None."""
+    if noise_scale <= 0:
+        return None
+    k = 1.0 / noise_scale
+    return int(round(k)) if abs(k - round(k)) < 1e-9 and 1 <= round(k) <= MAX_POWER else None
+
+
+def _sampler(k: int, parallel: bool):
+    """:func:`_sample_source` compiled with ``_power(q) = q ** k`` as a chain of multiplications."""
+    if k not in _SAMPLERS:
+        def _power(q):
+            r, b = 1.0, q
+            for bit in range(7):                # k < 128: its bits are constants here
+                if (k >> bit) & 1:
+                    r *= b
+                b *= b
+            return r
+        glb = dict(_sample_source.__globals__, _power=njit(inline="always")(_power))
+        fn = types.FunctionType(_sample_source.__code__, glb, "_sample_source")
+        # the sums may run in vector lanes (as _dot4's); the choice is a draw, not a reduction to reproduce
+        _SAMPLERS[k] = (njit(fastmath={"reassoc"})(fn), njit(parallel=True, fastmath={"reassoc"})(fn))
+    return _SAMPLERS[k][1 if parallel else 0]
+
+
+def sample(p: torch.Tensor, u: torch.Tensor, power: int, threads: int | None = None) -> torch.Tensor:
+    """The hard choice of each row of ``p`` ``(R, N)`` for uniform numbers ``u`` ``(R,)`` and a whole
+    ``power = 1 / noise_scale`` (:func:`sample_power`): ``(R,)`` indices within the rows."""
+    if not available():
+        raise KernelUnavailable(unavailable_reason())
+    R, N = p.shape
+    chosen = np.empty(R, dtype=np.int64)
+    n = _threads(R * N, threads)
+    try:
+        fn = _sampler(power, n > 1)
+        if n > 1 and numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        torch_threads = torch.get_num_threads()
+        fn(_array(p), _array(u), chosen)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+    except numba.core.errors.NumbaError as e:
+        first_line = (str(e).splitlines() or [""])[0]
+        _COMPILE_ERROR.append(f"the kernel did not compile here ({type(e).__name__}: {first_line})")
+        raise KernelUnavailable(_COMPILE_ERROR[0]) from e
+    return torch.from_numpy(chosen)
+
+
+def _threads(entries: int, threads: int | None) -> int:
+    """The training kernels' threads: one below :data:`PARALLEL_MIN_ENTRIES` mask entries, else
+    :func:`kernel_threads`'s."""
+    return 1 if entries < PARALLEL_MIN_ENTRIES else kernel_threads(PARALLEL_MIN_BYTES, threads)
+
+
+def mask_backward(g: torch.Tensor, p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor | None, hard: bool,
+                  scale_by_prob: bool, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_mask_backward` on PyTorch tensors: ``g``, ``p``, ``h`` ``(R, N)`` and :func:`mask_forward`'s
+    ``chosen`` -> ``(grad_h, grad_logits)``, both ``(R, N)``."""
+    R, N = p.shape
+    grad_h = np.empty((R, N), dtype=np.float32)
+    grad_logits = np.empty((R, N), dtype=np.float32)
+    c = _array(chosen) if chosen is not None else np.zeros(0, dtype=np.int64)
+    _call(_threads(R * N, threads), "_mask_backward",
+          (_array(g), _array(p), _array(h), c, hard, scale_by_prob, grad_h, grad_logits))
+    return torch.from_numpy(grad_h), torch.from_numpy(grad_logits)
 
 
 def fused_decode(x: torch.Tensor, c1: torch.Tensor, c2t: torch.Tensor, c2b: torch.Tensor, w1: torch.Tensor,
