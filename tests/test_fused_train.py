@@ -204,14 +204,16 @@ def test_a_kernel_that_fails_to_compile_falls_back(monkeypatch):
     def broken(*args):
         raise numba.core.errors.TypingError("planted compile failure")
 
-    monkeypatch.setattr(kernel, "_COMPILE_ERROR", [])
-    monkeypatch.setattr(kernel, "_mask_forward_serial", broken)
-    monkeypatch.setattr(kernel, "_mask_forward_parallel", broken)
-    fused, _ = twins(16, 4, 4, hard_prob=1.0)
-    fused.train_path = "auto"
-    fused(torch.randn(2, 16))
-    assert fused.last_train_path == "pytorch"
-    assert "did not compile" in fused.fused_train_unavailable(torch.randn(2, 16))
+    for name in ("_mask_forward", "_hard_forward"):
+        monkeypatch.setattr(kernel, name + "_serial", broken)
+        monkeypatch.setattr(kernel, name + "_parallel", broken)
+    for hard_prob in (0.0, 1.0):                            # the soft kernels, then the hard ones
+        monkeypatch.setattr(kernel, "_COMPILE_ERROR", [])
+        fused, _ = twins(16, 4, 4, hard_prob=hard_prob)
+        fused.train_path = "auto"
+        fused(torch.randn(2, 16))
+        assert fused.last_train_path == "pytorch"
+        assert "did not compile" in fused.fused_train_unavailable(torch.randn(2, 16))
 
 
 def test_bad_train_paths_are_refused():

@@ -144,7 +144,8 @@ def test_gradient_reaching_the_hard_mask_is_that_of_the_mask_before_the_relu():
     chosen or not, and so to the controller of units that never ran."""
     torch.manual_seed(3)
     ff = SparseFF(8, 32, 4, hard_prob=1.0).train()
-    x, g = torch.randn(6, 8), torch.randn(6, 8)
+    ff.train_path = "pytorch"                 # the readable path, whose mask this test sees (tests/test_fused_train.py
+    x, g = torch.randn(6, 8), torch.randn(6, 8)  # checks the fused path's gradients against it)
     seen = {}
     mask = ff.mask
 

@@ -9,8 +9,9 @@ does not.)
 
 * controller ``logits = x C1 C2 + c`` (low rank ``d_lowrank``, bias on the output only), per-block softmax;
 * training: Gumbel-perturbed argmax (noise x 0.1), straight-through one-hot, hard mask on 30% of calls and
-  the soft mask otherwise; the mask multiplies ``x W1`` *before* the ReLU; no first-layer bias; dense compute
-  (the mask and the ReLU in one fused pass each way where :mod:`.sparse_ff_kernel` applies, ``train_path``);
+  the soft mask otherwise; the mask multiplies ``x W1`` *before* the ReLU; no first-layer bias; dense compute,
+  written as a mask (the fused ``train_path``, where :mod:`.sparse_ff_kernel` applies, computes a hard call's
+  chosen units only, and a soft call's mask and ReLU in one pass each way);
 * eval: one-hot of the argmax, same dense formula;
 * :meth:`SparseFF.decode`: the real sparse computation, gathering only the selected rows of ``W1^T`` and ``W2``;
   in PyTorch (the readable reference) or, where it applies, in one fused call (:mod:`.sparse_ff_kernel`,
@@ -138,30 +139,46 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class _FusedMask(torch.autograd.Function):
-    """``relu(h * mask)`` of a training call, forward and backward each in one pass of the fused kernels
-    (:mod:`.sparse_ff_kernel`'s ``mask_forward``, ``sample`` and ``mask_backward``), where :meth:`SparseFF.mask`
-    and the ReLU take about a dozen PyTorch passes over the ``(tokens, d_ff)`` scores. Same values and gradients
-    as that path (``tests/test_fused_train.py``). ``h`` and ``logits`` are ``(R, N)``: one row per block of each
-    token. A hard call passes ``chosen`` ``(R,)``, or ``u`` ``(R,)`` and the whole ``power`` for the kernel's
-    sampler to draw it."""
+    """A soft training call's ``relu(h * p)``, ``p`` the in-block softmax of ``logits``, forward and backward in one
+    pass each (:func:`.sparse_ff_kernel.mask_forward` and ``mask_backward``) instead of PyTorch's softmax, product
+    and ReLU and their gradients. ``h`` and ``logits`` are ``(R, N)``: one row per block of each token."""
 
     @staticmethod
-    def forward(ctx, h, logits, hard, chosen, u, power, scale_by_prob):
-        kernel = _kernel_module()
+    def forward(ctx, h, logits):
         p = F.softmax(logits, dim=-1)                                  # (R, N) the in-block softmax
-        if hard and chosen is None:
-            chosen = kernel.sample(p, u, power)                        # (R,)
-        act = kernel.mask_forward(p, h, chosen, hard, scale_by_prob)  # (R, N)
-        ctx.save_for_backward(p, h, chosen)
-        ctx.hard, ctx.scale_by_prob = hard, scale_by_prob
-        return act
+        ctx.save_for_backward(p, h)
+        return _kernel_module().mask_forward(p, h)                     # (R, N)
 
     @staticmethod
     def backward(ctx, grad):
-        p, h, chosen = ctx.saved_tensors
-        grad_h, grad_logits = _kernel_module().mask_backward(grad.contiguous(), p, h, chosen, ctx.hard,
-                                                             ctx.scale_by_prob)
-        return grad_h, grad_logits, None, None, None, None, None
+        p, h = ctx.saved_tensors
+        return _kernel_module().mask_backward(grad.contiguous(), p, h)
+
+
+class _HardTraining(torch.autograd.Function):
+    """A hard training call of the whole layer (after the controller), touching only the chosen units
+    (:func:`.sparse_ff_kernel.hard_forward` and ``hard_backward``): ``x`` ``(T, d)`` and ``logits``
+    ``(T n_blocks, N)`` -> ``y`` ``(T, d)``, the dense path's ``relu((x W1) * mask) W2 + b2`` without its zero
+    terms, with the same values and gradients (``tests/test_fused_train.py``). ``chosen`` ``(T n_blocks,)``, or
+    ``u`` and ``power`` for the kernel's sampler (:func:`.sparse_ff_kernel.sample`) to draw it."""
+
+    @staticmethod
+    def forward(ctx, x, logits, w1, w2, b2, chosen, u, power, scale_by_prob):
+        kernel = _kernel_module()
+        p = F.softmax(logits, dim=-1)                                  # (R, N) the in-block softmax
+        if chosen is None:
+            chosen = kernel.sample(p, u, power)                        # (R,)
+        y, h_sel = kernel.hard_forward(x, w1, w2, b2, p, chosen, scale_by_prob)
+        ctx.save_for_backward(x, w1, w2, p, chosen, h_sel)
+        ctx.scale_by_prob = scale_by_prob
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, w2, p, chosen, h_sel = ctx.saved_tensors
+        grad_x, grad_w1, grad_w2, grad_logits = _kernel_module().hard_backward(
+            grad.contiguous(), x, w1, w2, p, chosen, h_sel, ctx.scale_by_prob)
+        return grad_x, grad_logits, grad_w1, grad_w2, grad.sum(0), None, None, None, None
 
 
 class SparseFF(FeedForward):
@@ -384,25 +401,27 @@ class SparseFF(FeedForward):
         return None
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` in training mode with the mask and the ReLU fused (:class:`_FusedMask`). It draws the
-        same random numbers as :meth:`mask`, in the same order: the hard-or-soft coin, then one uniform number
-        per block for the hard choice (by the kernel's sampler when ``1 / noise_scale`` is whole, else by
-        :meth:`_sample`)."""
+        """:meth:`forward` in training mode on the fused kernels: a hard call by :class:`_HardTraining` (the chosen
+        units only), a soft one by :class:`_FusedMask`. It draws the same random numbers as :meth:`mask`, in the
+        same order: the hard-or-soft coin, then one uniform number per block for the hard choice (drawn by the
+        kernel's sampler when ``1 / noise_scale`` is whole, else by :meth:`_sample`)."""
         logits = self.block_logits(x)                                  # (..., n_blocks, block_size)
         use_hard = bool(torch.rand(()) < self.hard_prob)               # as mask(): one draw per call
         self.last_mask_hard = use_hard
-        chosen = u = power = None
-        if use_hard:
-            power = _kernel_module().sample_power(self.noise_scale)
-            if power is None:                                          # no noise, or a power not compiled
-                chosen = self._sample(logits.detach()).view(-1)       # (R,)
-            else:                                                      # as _sample(): one number per block
-                u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device).view(-1)
-        h = F.linear(x, self.w1)                                       # (..., d_ff)
-        act = _FusedMask.apply(h.view(-1, self.block_size), logits.reshape(-1, self.block_size), use_hard,
-                               chosen, u, power, self.scale_by_prob)  # (R, N)
         self.__dict__["last_train_path"] = "fused"
-        return self.dropout(act.view(h.shape) @ self.w2 + self.b2)     # (..., d_model)
+        if not use_hard:
+            h = F.linear(x, self.w1)                                   # (..., d_ff)
+            act = _FusedMask.apply(h.view(-1, self.block_size), logits.reshape(-1, self.block_size))  # (R, N)
+            return self.dropout(act.view(h.shape) @ self.w2 + self.b2)  # (..., d_model)
+        chosen = u = None
+        power = _kernel_module().sample_power(self.noise_scale)
+        if power is None:                                              # no noise, or a power not compiled
+            chosen = self._sample(logits.detach()).view(-1)           # (R,)
+        else:                                                          # as _sample(): one number per block
+            u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device).view(-1)
+        y = _HardTraining.apply(x.reshape(-1, self.d_model), logits.reshape(-1, self.block_size), self.w1, self.w2,
+                                self.b2, chosen, u, power, self.scale_by_prob)  # (T, d)
+        return self.dropout(y.view(*x.shape[:-1], self.d_model))
 
     # -- the sparse path ----------------------------------------------------------------------------
     #: most tokens per call the fused kernel takes (it gathers rows for every token); more go through PyTorch,

@@ -25,14 +25,17 @@ No unit is skipped when its ReLU is zero: the kernel reads the ``W2`` row of eve
 that chapter 5's limit counts. (Skipping them would make the benchmark's random weights, where about half the
 selected units are negative, look cheaper than a trained layer whose chosen units may mostly fire.)
 
-**Training** (:func:`mask_forward`, :func:`sample`, :func:`mask_backward`, used by ``SparseFF.forward`` in training
-mode through its ``train_path``): ``relu(h * mask)`` and its gradients, where ``SparseFF.mask`` and the ReLU take
-about a dozen PyTorch passes over the ``(tokens, d_ff)`` scores, each pass memory-bound. The in-block softmax stays
-a PyTorch call; the hard choice, the masked ReLU and the whole backward are one pass each. The sampler draws from
-``p ** (1 / noise_scale)``, normalised, which equals ``softmax(scores / noise_scale)`` without a second softmax; it
-is compiled for each whole power (10 for the reference's 0.1), so the power is a few multiplications. The sums of
-the training kernels run in the source's order except the sampler's (regrouped into vector lanes, as the dot
-products'): a choice is a draw, not a reduction to reproduce bit for bit.
+**Training** (used by ``SparseFF.forward`` in training mode through its ``train_path``). Written as a mask, a
+training call costs the dense layer's two products and about a dozen memory-bound PyTorch passes over the
+``(tokens, d_ff)`` scores. A hard call (:func:`hard_forward`, :func:`hard_backward`) needs only the chosen unit of
+each block: every other unit is zero after the mask and its ReLU passes no gradient, so the kernels do, per token
+and block, one dot product with a row of ``W1^T`` and one row of ``W2`` forward, and the same few rows backward
+(one block per thread there: each block owns its rows of the weights' gradients). :func:`sample` draws the hard
+choice from ``p ** (1 / noise_scale)``, normalised, which equals ``softmax(scores / noise_scale)`` without a
+second softmax; it is compiled for each whole power (10 for the reference's 0.1), so the power is a few
+multiplications, and its sums may run in vector lanes (a choice is a draw, not a sum to reproduce bit for bit).
+A soft call keeps the dense products; :func:`mask_forward` and :func:`mask_backward` do its mask, ReLU and their
+gradients in one pass each.
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ except ImportError:                         # pragma: no cover - exercised by mo
 
 __all__ = ["available", "unavailable_reason", "KernelUnavailable", "prepare", "run", "fused_decode", "kernel_threads",
            "PARALLEL_MIN_BYTES", "KERNEL_SOURCE_FUNCTIONS", "mask_forward", "mask_backward", "sample",
-           "sample_power", "MAX_POWER", "PARALLEL_MIN_ENTRIES", "TRAIN_SOURCE_FUNCTIONS"]
+           "sample_power", "MAX_POWER", "PARALLEL_MIN_ENTRIES", "TRAIN_SOURCE_FUNCTIONS", "hard_forward",
+           "hard_backward"]
 
 #: below this many bytes of weights read per token the kernel runs on one thread whatever the thread count:
 #: starting and joining the other threads costs more than the rows it would share out
@@ -275,25 +279,111 @@ KERNEL_SOURCE_FUNCTIONS = (_decode_kernel, _add_w2_rows)
 # --------------------------------------------------------------------------------------------------
 
 
-def _mask_forward(p, h, chosen, hard, scale_by_prob, act):
-    """``act = relu(h * mask)`` for ``R`` rows (one block of one token each)
-    of ``N`` units: ``p``, ``h`` and ``act`` are ``(R, N)``, ``p`` the
-    in-block softmax of the scores. Soft calls (``hard`` False) use ``p`` as
-    the mask. Hard calls keep unit ``chosen[r]`` of row ``r`` (times its
-    ``p`` with ``scale_by_prob``) and zero the others."""
+def _mask_forward(p, h, act):
+    """A soft training call's ``act = relu(h * p)`` for ``R`` rows (one block of
+    one token each) of ``N`` units, all ``(R, N)``: ``p`` is the in-block
+    softmax of the scores, the mask of a soft call."""
     R, N = p.shape
-    if not hard:
-        for r in prange(R):
-            pr, hr, ar = p[r], h[r], act[r]
-            for j in range(N):
-                a = hr[j] * pr[j]
-                ar[j] = a if a > 0 else np.float32(0.0)
-        return
-    act[:] = np.float32(0.0)
     for r in prange(R):
-        c = chosen[r]
-        a = h[r, c] * p[r, c] if scale_by_prob else h[r, c]
-        act[r, c] = a if a > 0 else np.float32(0.0)
+        pr, hr, ar = p[r], h[r], act[r]
+        for j in range(N):
+            a = hr[j] * pr[j]
+            ar[j] = a if a > 0 else np.float32(0.0)
+
+
+def _mask_backward(g, p, h, grad_h, grad_logits):
+    """The gradients of :func:`_mask_forward`'s ``act`` given ``g = d loss /
+    d act``: ``grad_h`` and ``grad_logits``, all ``(R, N)``, as PyTorch's
+    autograd computes them for ``relu(h * p)``: the ReLU passes where its
+    input is positive, then the softmax's ``p * (g_p - sum(g_p * p))``."""
+    R, N = p.shape
+    for r in prange(R):
+        pr, hr, gr = p[r], h[r], g[r]
+        ghr, glr = grad_h[r], grad_logits[r]
+        t = np.float32(0.0)
+        for j in range(N):
+            live = hr[j] * pr[j] > 0
+            ghr[j] = gr[j] * pr[j] if live else np.float32(0.0)
+            glr[j] = gr[j] * hr[j] if live else np.float32(0.0)  # g_p for now
+            t += glr[j] * pr[j]
+        for j in range(N):
+            glr[j] = pr[j] * (glr[j] - t)
+
+
+def _hard_forward(x, w1, w2, b2, p, chosen, block_size, scale_by_prob, y, h_sel):
+    """A hard training call's whole layer, touching only the chosen units:
+    ``y[t] = b2 + sum_b relu(h * s) W2[u]`` with ``h = x[t] . W1^T[u]`` for the
+    chosen unit ``u`` of each block ``b`` (``s`` its ``p`` with
+    ``scale_by_prob``, else 1). The dense path's other units are exactly zero
+    after the mask, so this is the same sum without them. ``h_sel`` keeps
+    each ``h`` for the backward pass. One token per iteration: no two
+    iterations write one row of ``y``."""
+    T, d = x.shape
+    n_blocks = w1.shape[0] // block_size
+    for t in prange(T):
+        yt, xt = y[t], x[t]
+        for i in range(d):
+            yt[i] = b2[i]
+        for b in range(n_blocks):
+            r = t * n_blocks + b
+            c = chosen[r]
+            u = b * block_size + c
+            h = _dot(w1[u], xt, d)
+            h_sel[r] = h
+            a = h * p[r, c] if scale_by_prob else h
+            if a > 0:                    # the ReLU; a zero adds nothing
+                w2u = w2[u]
+                for i in range(d):
+                    yt[i] += a * w2u[i]
+
+
+def _hard_backward(g, x, w1, w2, p, chosen, h_sel, block_size, scale_by_prob,
+                   grad_x, grad_w1, grad_w2, grad_logits, grad_h):
+    """The gradients of :func:`_hard_forward` given ``g = d loss / d y``
+    ``(T, d)``: ``grad_w1`` and ``grad_w2`` (zeros on entry; only the chosen
+    rows change), ``grad_logits`` ``(T n_blocks, N)`` as
+    :func:`_mask_backward`'s hard rows, and ``grad_x``. First one block per
+    iteration (each block owns its rows of ``W1^T`` and ``W2``), then one
+    token per iteration for ``grad_x``. ``grad_h`` ``(T n_blocks,)`` is
+    scratch: each chosen unit's gradient at ``h``."""
+    T, d = x.shape
+    n_blocks = w1.shape[0] // block_size
+    for b in prange(n_blocks):
+        for t in range(T):
+            r = t * n_blocks + b
+            c = chosen[r]
+            u = b * block_size + c
+            pr, glr = p[r], grad_logits[r]
+            s = pr[c] if scale_by_prob else np.float32(1.0)
+            h = h_sel[r]
+            gm = np.float32(0.0)
+            grad_h[r] = np.float32(0.0)
+            if h * s > 0:                # the ReLU passed: gradients flow
+                gt = g[t]
+                ga = _dot(w2[u], gt, d)              # d loss / d act
+                a = h * s
+                gw2, gw1, xt = grad_w2[u], grad_w1[u], x[t]
+                gh = ga * s
+                for i in range(d):
+                    gw2[i] += a * gt[i]
+                    gw1[i] += gh * xt[i]
+                grad_h[r] = gh
+                gm = ga * h                          # d loss / d mask[c]
+            tt = np.float32(0.0) - gm * pr[c]
+            for j in range(block_size):
+                glr[j] = pr[j] * tt
+            glr[c] = pr[c] * (gm + tt)
+    for t in prange(T):
+        gxt = grad_x[t]
+        for i in range(d):
+            gxt[i] = np.float32(0.0)
+        for b in range(n_blocks):
+            r = t * n_blocks + b
+            gh = grad_h[r]
+            if gh != 0:
+                w1u = w1[b * block_size + chosen[r]]
+                for i in range(d):
+                    gxt[i] += gh * w1u[i]
 
 
 def _power(q):
@@ -324,45 +414,8 @@ def _sample_source(p, u, chosen):
         chosen[r] = c
 
 
-def _mask_backward(g, p, h, chosen, hard, scale_by_prob, grad_h, grad_logits):
-    """The gradients of :func:`_mask_forward`'s ``act`` given ``g = d loss /
-    d act``: ``grad_h`` and ``grad_logits``, all ``(R, N)``, as PyTorch's
-    autograd computes them for ``relu(h * mask)``: the ReLU passes where its
-    input is positive, the mask's gradient goes to ``p`` (straight through
-    the hard choice), then the softmax's ``p * (g_p - sum(g_p * p))``. In a
-    hard row the unchosen units' ReLU input is zero, so only the chosen unit
-    has a gradient before the softmax."""
-    R, N = p.shape
-    if hard:
-        grad_h[:] = np.float32(0.0)
-        for r in prange(R):
-            pr, ghr, glr = p[r], grad_h[r], grad_logits[r]
-            c = chosen[r]
-            s = pr[c] if scale_by_prob else np.float32(1.0)
-            gm = np.float32(0.0)
-            if h[r, c] * s > 0:
-                ghr[c] = g[r, c] * s
-                gm = g[r, c] * h[r, c]
-            t = np.float32(0.0) - gm * pr[c]    # -sum_j g_p[j] p[j]: one term
-            for j in range(N):
-                glr[j] = pr[j] * t
-            glr[c] = pr[c] * (gm + t)
-        return
-    for r in prange(R):
-        pr, hr, gr = p[r], h[r], g[r]
-        ghr, glr = grad_h[r], grad_logits[r]
-        t = np.float32(0.0)
-        for j in range(N):
-            live = hr[j] * pr[j] > 0
-            ghr[j] = gr[j] * pr[j] if live else np.float32(0.0)
-            glr[j] = gr[j] * hr[j] if live else np.float32(0.0)  # g_p for now
-            t += glr[j] * pr[j]
-        for j in range(N):
-            glr[j] = pr[j] * (glr[j] - t)
-
-
 #: the functions chapter 3 prints with ``inspect.getsource``
-TRAIN_SOURCE_FUNCTIONS = (_sample_source, _mask_forward, _mask_backward)
+TRAIN_SOURCE_FUNCTIONS = (_sample_source, _hard_forward, _hard_backward, _mask_forward, _mask_backward)
 
 
 def _renamed(fn, name):
@@ -389,6 +442,10 @@ if numba is not None:
     _mask_forward_parallel = njit(parallel=True, fastmath=False, cache=True)(_mask_forward)
     _mask_backward_serial = njit(fastmath=False, cache=True)(_renamed(_mask_backward, "_mask_backward_serial"))
     _mask_backward_parallel = njit(parallel=True, fastmath=False, cache=True)(_mask_backward)
+    _hard_forward_serial = njit(fastmath=False, cache=True)(_renamed(_hard_forward, "_hard_forward_serial"))
+    _hard_forward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_forward)
+    _hard_backward_serial = njit(fastmath=False, cache=True)(_renamed(_hard_backward, "_hard_backward_serial"))
+    _hard_backward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,16 +525,12 @@ def _call(n: int, name: str, args: tuple) -> None:
 PARALLEL_MIN_ENTRIES = 1 << 14
 
 
-def mask_forward(p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor | None, hard: bool,
-                 scale_by_prob: bool, threads: int | None = None) -> torch.Tensor:
-    """:func:`_mask_forward` on PyTorch tensors (float32, CPU): ``p``, ``h`` ``(R, N)`` and (hard calls)
-    ``chosen`` ``(R,)`` -> ``act (R, N)``."""
+def mask_forward(p: torch.Tensor, h: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """:func:`_mask_forward` on PyTorch tensors (float32, CPU): ``p``, ``h`` ``(R, N)`` -> ``act (R, N)``."""
     if not available():
         raise KernelUnavailable(unavailable_reason())
-    R, N = p.shape
-    act = np.empty((R, N), dtype=np.float32)
-    c = _array(chosen) if chosen is not None else np.zeros(0, dtype=np.int64)
-    _call(_threads(R * N, threads), "_mask_forward", (_array(p), _array(h), c, hard, scale_by_prob, act))
+    act = np.empty(tuple(p.shape), dtype=np.float32)
+    _call(_threads(p.numel(), threads), "_mask_forward", (_array(p), _array(h), act))
     return torch.from_numpy(act)
 
 
@@ -537,22 +590,51 @@ def sample(p: torch.Tensor, u: torch.Tensor, power: int, threads: int | None = N
     return torch.from_numpy(chosen)
 
 
+def hard_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, p: torch.Tensor,
+                 chosen: torch.Tensor, scale_by_prob: bool,
+                 threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_hard_forward` on PyTorch tensors (float32, CPU): ``x`` ``(T, d)``, the layer's ``w1``, ``w2``
+    ``(d_ff, d)`` and ``b2``, ``p`` ``(T n_blocks, N)`` and the in-block ``chosen`` ``(T n_blocks,)`` ->
+    ``(y (T, d), h_sel (T n_blocks,))``."""
+    if not available():
+        raise KernelUnavailable(unavailable_reason())
+    T, d = x.shape
+    y = np.empty((T, d), dtype=np.float32)
+    h_sel = np.empty(p.shape[0], dtype=np.float32)
+    _call(_threads(p.numel(), threads), "_hard_forward",
+          (_array(x), _array(w1), _array(w2), _array(b2), _array(p), _array(chosen), p.shape[1], scale_by_prob,
+           y, h_sel))
+    return torch.from_numpy(y), torch.from_numpy(h_sel)
+
+
+def hard_backward(g: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, p: torch.Tensor,
+                  chosen: torch.Tensor, h_sel: torch.Tensor, scale_by_prob: bool,
+                  threads: int | None = None) -> tuple[torch.Tensor, ...]:
+    """:func:`_hard_backward` on PyTorch tensors -> ``(grad_x, grad_w1, grad_w2, grad_logits)``."""
+    T, d = x.shape
+    grad_x = np.empty((T, d), dtype=np.float32)
+    grad_w1 = np.zeros(tuple(w1.shape), dtype=np.float32)
+    grad_w2 = np.zeros(tuple(w2.shape), dtype=np.float32)
+    grad_logits = np.empty(tuple(p.shape), dtype=np.float32)
+    grad_h = np.empty(p.shape[0], dtype=np.float32)
+    _call(_threads(p.numel(), threads), "_hard_backward",
+          (_array(g), _array(x), _array(w1), _array(w2), _array(p), _array(chosen), _array(h_sel), p.shape[1],
+           scale_by_prob, grad_x, grad_w1, grad_w2, grad_logits, grad_h))
+    return tuple(torch.from_numpy(a) for a in (grad_x, grad_w1, grad_w2, grad_logits))
+
+
 def _threads(entries: int, threads: int | None) -> int:
     """The training kernels' threads: one below :data:`PARALLEL_MIN_ENTRIES` mask entries, else
     :func:`kernel_threads`'s."""
     return 1 if entries < PARALLEL_MIN_ENTRIES else kernel_threads(PARALLEL_MIN_BYTES, threads)
 
 
-def mask_backward(g: torch.Tensor, p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor | None, hard: bool,
-                  scale_by_prob: bool, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_mask_backward` on PyTorch tensors: ``g``, ``p``, ``h`` ``(R, N)`` and :func:`mask_forward`'s
-    ``chosen`` -> ``(grad_h, grad_logits)``, both ``(R, N)``."""
-    R, N = p.shape
-    grad_h = np.empty((R, N), dtype=np.float32)
-    grad_logits = np.empty((R, N), dtype=np.float32)
-    c = _array(chosen) if chosen is not None else np.zeros(0, dtype=np.int64)
-    _call(_threads(R * N, threads), "_mask_backward",
-          (_array(g), _array(p), _array(h), c, hard, scale_by_prob, grad_h, grad_logits))
+def mask_backward(g: torch.Tensor, p: torch.Tensor, h: torch.Tensor,
+                  threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_mask_backward` on PyTorch tensors: ``g``, ``p``, ``h`` ``(R, N)`` -> ``(grad_h, grad_logits)``."""
+    grad_h = np.empty(tuple(p.shape), dtype=np.float32)
+    grad_logits = np.empty(tuple(p.shape), dtype=np.float32)
+    _call(_threads(p.numel(), threads), "_mask_backward", (_array(g), _array(p), _array(h), grad_h, grad_logits))
     return torch.from_numpy(grad_h), torch.from_numpy(grad_logits)
 
 
