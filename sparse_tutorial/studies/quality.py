@@ -121,9 +121,10 @@ def missed_target_remedies(val: dict, acc: dict, step_ratio: float, *, block_siz
             f"every image must pass through the units its controller picks (there is no residual path around "
             f"the FF layer, unlike in a Transformer block). 'The image network' below reads a recorded study "
             f"of the levers: smaller blocks, scaling by the probability, the hard-mask share."),
-        2: (f"A sparse training step takes {step_ratio:.2f}x a dense one. Training computes the dense layer "
-            f"plus the controller, a softmax over all units and the mask multiply, full-size passes over "
-            f"(tokens x d_ff) numbers; at d_model = {d_model} these passes are a large share of the FF layer's "
-            f"time (their share falls as d_model grows). The saving of sparse FF is at inference, on the "
-            f"decode path (chapter 5)."),
+        2: (f"A sparse training step takes {step_ratio:.2f}x a dense one. Written as a mask (SparseFF's "
+            f"PyTorch training path, taken without Numba or with train_path='pytorch'), training computes the "
+            f"dense layer plus the controller, a softmax over all units and the mask multiply, full-size passes "
+            f"over (tokens x d_ff) numbers; at d_model = {d_model} these passes are a large share of the FF "
+            f"layer's time (their share falls as d_model grows). The fused path (pip install numba) computes "
+            f"only the chosen units of a hard call, and the recipe makes every call hard (ff_hard_prob=1.0)."),
     }
