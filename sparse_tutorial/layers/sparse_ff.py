@@ -355,8 +355,9 @@ class SparseFF(FeedForward):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense compute with a mask: ``relu((x W1) * mask) W2 + b2``. Shapes ``(..., d_model)``.
 
-        A training call takes the fused kernel for the mask and the ReLU where it applies (see
-        :attr:`train_path`): the same values, gradients and random draws as the code below, in one pass.
+        A training call takes the fused kernels where they apply (see :attr:`train_path`): a hard call computes
+        only the chosen units, a soft call its mask and ReLU in one pass; the same values, gradients and random
+        draws as the code below.
         """
         if self.training and self.train_path != "pytorch":
             why_not = self.fused_train_unavailable(x)
@@ -376,10 +377,11 @@ class SparseFF(FeedForward):
 
     @property
     def train_path(self) -> str:
-        """How a training call computes the mask and the ReLU: one of :data:`DECODE_PATHS`. ``"auto"`` (the
-        default) takes the fused kernel (:func:`.sparse_ff_kernel.mask_forward`) where
-        :meth:`fused_train_unavailable` finds nothing against it, ``"pytorch"`` always :meth:`mask` and the code
-        of :meth:`forward`, ``"fused"`` always the kernel (a ValueError saying why when it does not apply)."""
+        """How a training call computes: one of :data:`DECODE_PATHS`. ``"auto"`` (the default) takes the fused
+        kernels of :mod:`.sparse_ff_kernel` where :meth:`fused_train_unavailable` finds nothing against them (a
+        hard call: ``hard_forward``/``hard_backward``, the chosen units only; a soft call: ``mask_forward``/
+        ``mask_backward``), ``"pytorch"`` always :meth:`mask` and the code of :meth:`forward`, ``"fused"`` always
+        the kernels (a ValueError saying why when they do not apply)."""
         return self.__dict__.get("_train_path", "auto")             # layers pickled before the option: "auto"
 
     @train_path.setter
@@ -389,7 +391,7 @@ class SparseFF(FeedForward):
         self._train_path = value
 
     def fused_train_unavailable(self, x: torch.Tensor) -> str | None:
-        """Why a training call on ``x`` cannot take the fused mask kernel, or None when it can: it needs Numba,
+        """Why a training call on ``x`` cannot take the fused kernels, or None when it can: they need Numba,
         float32 on the CPU, and eager PyTorch (not a traced or compiled graph)."""
         kernel = _kernel_module()
         if not kernel.available():
