@@ -12,12 +12,33 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["FeedForward", "SelfAttention", "DECODE_PATHS"]
+__all__ = ["FeedForward", "SelfAttention", "DECODE_PATHS", "PathSetting"]
 
 #: the decode implementations a layer with a fused kernel offers (its ``decode_path``): ``"auto"`` takes the fused
 #: kernel where it applies and PyTorch otherwise, ``"pytorch"`` always the PyTorch reference, ``"fused"`` always the
 #: kernel (a ValueError saying why when it does not apply)
 DECODE_PATHS = ("auto", "pytorch", "fused")
+
+
+class PathSetting:
+    """A layer attribute that holds one of :data:`DECODE_PATHS` (a layer's ``decode_path``, ``train_path``):
+    ``"auto"`` until set, a ValueError naming the attribute and the value for anything else. The value lives in
+    the instance's ``__dict__`` under ``_<name>``, so layers pickled before the attribute existed read
+    ``"auto"``. The class attribute's docstring is the owner's to write (``name = PathSetting("...")``)."""
+
+    def __init__(self, doc: str = ""):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.key = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__.get(self.key, "auto")
+
+    def __set__(self, obj, value: str) -> None:
+        if value not in DECODE_PATHS:
+            raise ValueError(f"{self.name} must be one of {DECODE_PATHS}, got {self.name}={value!r}")
+        obj.__dict__[self.key] = value
 
 
 class FeedForward(abc.ABC, nn.Module):

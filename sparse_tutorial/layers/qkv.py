@@ -29,7 +29,7 @@ from torch import nn
 
 from .._checks import positive_int, probability
 from .attention import LayerCache, cached_attention, check_attention_input
-from .base import DECODE_PATHS
+from .base import PathSetting
 
 __all__ = [
     "modules_near_sqrt",
@@ -210,18 +210,10 @@ class ConvQKVAttention(nn.Module):
         #: which step the last cached call took: "fused" or "pytorch" (None before the first)
         self.last_decode_path: str | None = None
 
-    @property
-    def decode_path(self) -> str:
+    decode_path = PathSetting(
         """How a cached call computes: ``"auto"`` (the fused step of :mod:`.qkv_kernel` where
         :meth:`fused_unavailable` finds nothing against it, else PyTorch), ``"pytorch"`` or ``"fused"`` (a
-        ValueError saying why when it does not apply); see :data:`~.base.DECODE_PATHS`."""
-        return self.__dict__.get("_decode_path", "auto")            # layers pickled before the option: "auto"
-
-    @decode_path.setter
-    def decode_path(self, value: str) -> None:
-        if value not in DECODE_PATHS:
-            raise ValueError(f"decode_path must be one of {DECODE_PATHS}, got decode_path={value!r}")
-        self.__dict__["_decode_path"] = value
+        ValueError saying why when it does not apply); see :data:`~.base.DECODE_PATHS`.""")
 
     def _conv_input(self, x: torch.Tensor, cache: LayerCache | None) -> torch.Tensor:
         """Multiplicative outputs of the new tokens with their left context: ``(B, M, lk - 1 + T, S)``."""

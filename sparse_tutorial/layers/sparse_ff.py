@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import last_dim, positive_int, probability, real_number, same_dtype
-from .base import DECODE_PATHS, FeedForward
+from .base import DECODE_PATHS, FeedForward, PathSetting
 
 __all__ = [
     "SparseFF",
@@ -375,20 +375,12 @@ class SparseFF(FeedForward):
         h = F.relu(h * m).flatten(-2)                                  # (..., d_ff)
         return self.dropout(h @ self.w2 + self.b2)                     # (..., d_model)
 
-    @property
-    def train_path(self) -> str:
+    train_path = PathSetting(
         """How a training call computes: one of :data:`DECODE_PATHS`. ``"auto"`` (the default) takes the fused
         kernels of :mod:`.sparse_ff_kernel` where :meth:`fused_train_unavailable` finds nothing against them (a
         hard call: ``hard_forward``/``hard_backward``, the chosen units only; a soft call: ``mask_forward``/
         ``mask_backward``), ``"pytorch"`` always :meth:`mask` and the code of :meth:`forward`, ``"fused"`` always
-        the kernels (a ValueError saying why when they do not apply)."""
-        return self.__dict__.get("_train_path", "auto")             # layers pickled before the option: "auto"
-
-    @train_path.setter
-    def train_path(self, value: str) -> None:
-        if value not in DECODE_PATHS:
-            raise ValueError(f"train_path must be one of {DECODE_PATHS}, got train_path={value!r}")
-        self._train_path = value
+        the kernels (a ValueError saying why when they do not apply).""")
 
     def fused_train_unavailable(self, x: torch.Tensor) -> str | None:
         """Why a training call on ``x`` cannot take the fused kernels, or None when it can: they need Numba,
@@ -430,16 +422,7 @@ class SparseFF(FeedForward):
     #: whose first layer turns dense beyond ``block_size`` tokens
     FUSED_MAX_ROWS = 16
 
-    @property
-    def decode_path(self) -> str:
-        """How :meth:`decode` computes by default: one of :data:`DECODE_PATHS`."""
-        return self.__dict__.get("_decode_path", "auto")            # layers pickled before the option: "auto"
-
-    @decode_path.setter
-    def decode_path(self, value: str) -> None:
-        if value not in DECODE_PATHS:
-            raise ValueError(f"decode_path must be one of {DECODE_PATHS}, got decode_path={value!r}")
-        self._decode_path = value
+    decode_path = PathSetting("""How :meth:`decode` computes by default: one of :data:`DECODE_PATHS`.""")
 
     def fused_unavailable(self, x: torch.Tensor | None = None) -> str | None:
         """Why the fused kernel cannot decode ``x`` (or, without ``x``, this layer), or None when it can.
