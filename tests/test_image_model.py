@@ -22,7 +22,7 @@ def test_shapes_and_ff_kind(ff, cls):
     assert isinstance(model.ff, cls)
     assert model(torch.randn(5, 1, 28, 28)).shape == (5, 10)
     if ff == "sparse":
-        assert model.ff.n_blocks == 8 and model.ff.block_size == 50  # 1/50 of the 400 units active
+        assert model.ff.n_blocks == 40 and model.ff.block_size == 10  # the book's default: 1/10 of 400 active
 
 
 def test_parameter_count_of_the_dense_network():
