@@ -48,8 +48,9 @@ COLUMNS = {
     "parts": {"variant", "part", "µs", "MB", "GB/s", "share"},
 }
 ROWS = {"bandwidth": 2, "ff": 2, "block": 4, "generate": 6, "crossover": 2, "train": 1, "quant": 4,
-        # four variants' parts, and the fused kernel's row in each of the two sparse FF variants
-        "parts": 4 + 6 + 4 + 6 + 2 * bench.best_path().count("fused")}
+        # four variants' parts with the whole block and the rest of it, and a fused kernel's row for each sparse
+        # FF and each sparse QKV (both kernels come with Numba)
+        "parts": 4 + 6 + 4 + 6 + 4 * 2 + 4 * bench.best_path().count("fused")}
 
 
 @pytest.mark.parametrize("command", sorted(TINY))
@@ -388,13 +389,25 @@ def test_parts_break_each_variant_into_its_parts_with_their_bytes(capsys, tmp_pa
 
     rows = pd.DataFrame(run_json(capsys, tmp_path, *TINY["parts"])["rows"])
     by = {v: list(p["part"]) for v, p in rows.groupby("variant", sort=False)}
-    fused = ["sparse FF, fused (all three)"] if sparse_ff_kernel.available() else []
-    assert by["dense"] == ["QKV projection", "output projection", "attention over the cache", "dense FF"]
-    assert by["sparse FF + QKV"] == ["multiplicative layer", "convolution", "attention over the cache",
-                                     "controller", "W1 rows", "W2 rows", *fused]
+    fused = sparse_ff_kernel.available()
+    ff_fused = ["sparse FF, fused (all three)"] if fused else []
+    qkv_fused = ["sparse QKV, fused (all three)"] if fused else []
+    whole = ["whole block", "rest of the block"]
+    assert by["dense"] == ["QKV projection", "output projection", "attention over the cache", "dense FF", *whole]
+    assert by["sparse FF + QKV"] == ["multiplicative layer", "convolution", "attention over the cache", *qkv_fused,
+                                     "controller", "W1 rows", "W2 rows", *ff_fused, *whole]
     for v, part in rows.groupby("variant"):
-        share = part["share"].dropna()
-        assert share.sum() == pytest.approx(1.0)                    # the parts of a variant add up
+        t = part.set_index("part")["µs"]
+        share = part.set_index("part")["share"].dropna()
+        assert share.sum() == pytest.approx(1.0)          # the parts the block runs and the rest make the block
+        # the parts the block ran: with the kernels, the fused rows stand for the PyTorch parts they replace
+        ran = [p for p in share.index if p != "rest of the block"]
+        assert ("W1 rows" in ran) == (v.startswith("sparse FF") and not fused)
+        assert ("sparse FF, fused (all three)" in ran) == (v.startswith("sparse FF") and fused)
+        assert ("convolution" in ran) == (v.endswith("QKV") and not fused)
+        assert t["rest of the block"] == pytest.approx(t["whole block"] - t[ran].sum())
+        assert part.set_index("part").loc["whole block", "MB"] == pytest.approx(
+            bench.block_bytes("tiny", v, cache_len=4)["total"])
     cfg = bench.block_config("tiny", "sparse FF")
     w1 = rows[(rows["variant"] == "sparse FF") & (rows["part"] == "W1 rows")]["MB"].iloc[0]
     assert w1 == pytest.approx(cfg.d_ff // cfg.ff_block_size * cfg.d_model * 4 / 1e6)   # one row a block

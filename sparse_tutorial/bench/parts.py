@@ -6,7 +6,9 @@ positions, each part is timed on its own, cold cache, as the PyTorch operations 
 controller, its ``W1`` rows and its ``W2`` rows (and the fused kernel doing all three in one call), the dense FF,
 the dense QKV projection, the multiplicative layer and the convolution of the sparse QKV, the attention over the
 cache, the output projection. Beside each time, the bytes the part reads and the rate ``bytes / time``: a part
-that reads near the machine's bandwidth is at its floor; one far below it pays fixed costs.
+that reads near the machine's bandwidth is at its floor; one far below it pays fixed costs. The whole block's step
+is timed in the same round, so the table also says what the parts leave out (``rest of the block``: the layer
+norms, the residual additions, the writes into the cache, reshapes and the cost of each call).
 """
 from __future__ import annotations
 
@@ -18,11 +20,18 @@ from ..layers.attention import CausalSelfAttention, LayerCache
 from ..layers.qkv import ConvQKVAttention, modules_near_sqrt
 from ..layers.sparse_ff import SparseFF
 from ..model import Block
-from .block import BLOCK_VARIANTS, block_config
+from .block import BLOCK_VARIANTS, _BlockStep, block_bytes, block_config
 from .harness import check_choice, free_memory, interleaved, machine_columns, positive
 from .paths import available_paths, check_paths
 
-__all__ = ["block_parts", "qkv_step"]
+__all__ = ["block_parts", "qkv_step", "WHOLE", "REST"]
+
+
+#: The sparse FF's and the sparse QKV's parts as PyTorch operations, and the fused kernel that does all three in
+#: one call.
+_FF_THREE, _FF_FUSED = ("controller", "W1 rows", "W2 rows"), "sparse FF, fused (all three)"
+_QKV_THREE = ("multiplicative layer", "convolution", "attention over the cache")
+_QKV_FUSED = "sparse QKV, fused (all three)"
 
 
 def _ff_parts(ff, x: torch.Tensor) -> dict[str, tuple[object, float]]:
@@ -44,13 +53,15 @@ def _ff_parts(ff, x: torch.Tensor) -> dict[str, tuple[object, float]]:
                                             mode="sum"), (n + 1) * d * f32),
     }
     if "fused" in available_paths():
-        parts["sparse FF, fused (all three)"] = (lambda: ff.decode(x, path="fused"),
+        parts[_FF_FUSED] = (lambda: ff.decode(x, path="fused"),
                                                  sum(b for _, b in parts.values()))
     return parts
 
 
-def _attention_parts(attn, x3: torch.Tensor, cache_len: int) -> dict[str, tuple[object, float]]:
-    """name -> (callable, bytes read) for the block's attention, one token ``x3`` (1, 1, d)."""
+def _attention_parts(attn, x3: torch.Tensor, cache_len: int,
+                     step: _BlockStep | None = None) -> dict[str, tuple[object, float]]:
+    """name -> (callable, bytes read) for the block's attention, one token ``x3`` (1, 1, d). With the block's
+    ``step``, a convolution QKV layer also gets its fused step on the block's own cache, where it applies."""
     f32 = 4
     d = x3.shape[-1]
     if isinstance(attn, CausalSelfAttention):
@@ -76,38 +87,66 @@ def _attention_parts(attn, x3: torch.Tensor, cache_len: int) -> dict[str, tuple[
     q = torch.randn(1, H, 1, hd)
     parts["attention over the cache"] = (lambda: F.scaled_dot_product_attention(q, kc, vc),
                                          2 * (cache_len + 1) * d * f32)
+    if isinstance(attn, ConvQKVAttention) and step is not None and attn.fused_unavailable(x3) is None:
+        def fused_qkv():
+            step.cache.truncate(step.cache_len)                       # as _BlockStep: the position in place
+            step.cache.state = dict(step.saved_state)
+            return attn(x3, step.cache)
+        parts[_QKV_FUSED] = (fused_qkv, sum(nbytes for _, nbytes in parts.values()))
     return parts
+
+
+#: The rows :func:`block_parts` adds to each variant's parts: the block's whole step, and what the parts leave out.
+WHOLE, REST = "whole block", "rest of the block"
 
 
 def block_parts(shape: str = "800m", variants=tuple(BLOCK_VARIANTS), *, cache_len: int = 128,
                 repeats: int | None = None, warmup: int = 2) -> pd.DataFrame:
     """Time and bytes of every part of one block's decoding step, per variant: ``part``, ``µs``, ``MB``,
-    ``GB/s`` (bytes / time) and ``share`` (the part's time over the sum of the parts of its variant)."""
+    ``GB/s`` (bytes / time) and ``share`` (the part's time over the whole block's).
+
+    Each variant also gets two rows: ``whole block`` (the block's own step, timed in the same round as its
+    parts; ``MB``: :func:`~.block.block_bytes`) and ``rest of the block``, the whole block less the parts the
+    block runs (its sparse FF and sparse QKV on the paths the block took: a fused kernel, else its PyTorch parts): the
+    layer norms, residual additions, cache writes, reshapes and the cost of each call. Those parts and the rest
+    have shares that add up to 1; the others' share is empty. A negative rest means the parts, each timed cold on
+    its own, took longer than the block does with all of them in one step.
+    """
     check_choice("shape", shape, {"800m", "17b", "tiny"})
     positive("cache_len", cache_len)
     repeats = (7 if shape == "17b" else 20) if repeats is None else repeats
     rows = []
     def parts_of(shape_, variant, length):
-        cfg = block_config(shape_, variant)
-        block = Block(cfg).eval()
-        x3 = torch.randn(1, 1, cfg.d_model)
-        return block, {**_attention_parts(block.attn, x3, length), **_ff_parts(block.ff, x3[0])}
+        step = _BlockStep(block_config(shape_, variant), length)          # the block, its cache filled
+        x3 = torch.randn(1, 1, step.block.ln1.normalized_shape[0])       # one token (B=1, T=1, C)
+        parts = {**_attention_parts(step.block.attn, x3, length, step), **_ff_parts(step.block.ff, x3[0])}
+        return step, parts
 
     for variant in variants:
         check_choice("variant", variant, BLOCK_VARIANTS)
         with torch.inference_mode():
-            block, parts = parts_of(shape, variant, cache_len)
+            step, parts = parts_of(shape, variant, cache_len)
             # each part's tiny twin runs after the cache flush, as the layer before it would in a model: the
             # code path is warm again, the measured part's weights are still cold (see harness.interleaved)
-            _, twins = parts_of("tiny", variant, 8)
-            t = interleaved({k: f for k, (f, _) in parts.items()}, repeats=repeats, warmup=warmup,
-                            cold_cache=True, primes={k: f for k, (f, _) in twins.items()})
-        total = sum(v for k, v in t.items() if "all three" not in k)
-        for k, (_, nbytes) in parts.items():
-            rows.append({"shape": shape, "variant": variant, "part": k, "µs": t[k] * 1e6, "MB": nbytes / 1e6,
-                         "GB/s": nbytes / t[k] / 1e9, "share": t[k] / total if "all three" not in k else None,
-                         **machine_columns()})
-        del block, parts
+            twin, twins = parts_of("tiny", variant, 8)
+            t = interleaved({**{k: f for k, (f, _) in parts.items()}, WHOLE: step}, repeats=repeats,
+                            warmup=warmup, cold_cache=True,
+                            primes={**{k: f for k, (f, _) in twins.items()}, WHOLE: twin})
+        # the parts the block ran: its sparse FF and sparse QKV each as the fused kernel or as the PyTorch parts
+        left_out = set()
+        for layer, three, fused in ((step.block.ff, _FF_THREE, _FF_FUSED), (step.block.attn, _QKV_THREE, _QKV_FUSED)):
+            if fused in parts:
+                left_out.update(three if getattr(layer, "last_decode_path", None) == "fused" else (fused,))
+        run = [k for k in parts if k not in left_out]
+        whole = t[WHOLE]
+        sizes = {k: (t[k], nbytes) for k, (_, nbytes) in parts.items()}
+        sizes[WHOLE] = (whole, block_bytes(shape, variant, cache_len)["total"] * 1e6)
+        sizes[REST] = (whole - sum(t[k] for k in run), float("nan"))   # calls and small ops, not a stream
+        for k, (seconds, nbytes) in sizes.items():
+            rows.append({"shape": shape, "variant": variant, "part": k, "µs": seconds * 1e6, "MB": nbytes / 1e6,
+                         "GB/s": nbytes / seconds / 1e9 if seconds > 0 else float("nan"),
+                         "share": seconds / whole if k in run or k == REST else None, **machine_columns()})
+        del step, parts
         free_memory()
     return pd.DataFrame(rows)
 
