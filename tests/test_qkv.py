@@ -205,6 +205,21 @@ def test_merged_inference_conv_equals_the_three_convolutions_and_follows_weight_
                 p.add_(0.1 * torch.randn_like(p))
 
 
+@pytest.mark.parametrize("batch,d,S,lk", [(1, 48, 6, 3), (3, 48, 6, 3), (2, 40, 8, 2), (2, 36, 4, 4)])
+def test_merged_qkv_of_one_position_equals_the_three_convolutions(batch, d, S, lk):
+    """A decoding step's merged convolution (one position and its left context) must give the three
+    convolutions' Q, K, V, contiguous, for every batch, module count and kernel length."""
+    torch.manual_seed(0)
+    attn = ConvQKVAttention(d, S, length_kernel=lk).eval()
+    full = torch.randn(batch, d // S, lk, S)                     # one new position and its lk - 1 left neighbours
+    with torch.no_grad():
+        merged = attn.merged_qkv(full)
+        separate = [conv(full).permute(0, 3, 2, 1) for conv in (attn.conv_q, attn.conv_k, attn.conv_v)]
+    for a, b in zip(merged, separate):
+        assert a.shape == (batch, S, 1, d // S) and a.is_contiguous()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["dense", "multiplicative", "conv"])
 @pytest.mark.parametrize("method", ["forward", "heads"])
 def test_attention_input_of_the_wrong_rank_is_named(kind, method):

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ..layers.attention import CausalSelfAttention, LayerCache
 from ..layers.qkv import ConvQKVAttention, modules_near_sqrt
 from ..layers.sparse_ff import SparseFF
-from ..model import Block
 from .block import BLOCK_VARIANTS, _BlockStep, block_bytes, block_config
 from .harness import check_choice, free_memory, interleaved, machine_columns, positive
 from .paths import available_paths, check_paths
@@ -75,11 +74,11 @@ def _attention_parts(attn, x3: torch.Tensor, cache_len: int,
         H = S
         q = torch.randn(1, S, 1, M)
         with torch.no_grad():
-            w, b = attn._merged_conv()
-        full = torch.randn(1, M, lk, S)
+            w, _ = attn._merged_conv()
+        full = torch.randn(1, M, lk, S)                                # one position and its left context
         parts = {"multiplicative layer": (lambda: attn.mult.forward_modules(x3),
                                           (attn.mult.D.numel() + attn.mult.E.numel()) * f32),
-                 "convolution": (lambda: F.conv2d(full, w, b, padding=(0, w.shape[-1] // 2)), w.numel() * f32)}
+                 "convolution": (lambda: attn.merged_qkv(full), w.numel() * f32)}
     else:                                   # another attention kind: the whole layer, no breakdown
         return {"attention (whole)": (lambda: attn(x3), sum(p.numel() for p in attn.parameters()) * f32)}
     hd = d // H

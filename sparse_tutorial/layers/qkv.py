@@ -239,13 +239,24 @@ class ConvQKVAttention(nn.Module):
         check_attention_input(x, self.d_model)
         full = self._conv_input(x, cache)
         if not torch.is_grad_enabled():                                    # inference: one convolution, not three
-            w, b = self._merged_conv()
-            B, T = x.shape[0], full.shape[2] - (self.length_kernel - 1)
-            y = F.conv2d(full, w, b, padding=(0, w.shape[-1] // 2))         # (B, 3M, T, S)
-            # (B, 3, M, T, S) -> (3, B, S, T, M): one copy makes Q, K and V contiguous
-            return y.view(B, 3, self.d_module, T, self.n_modules).permute(1, 0, 4, 3, 2).contiguous().unbind(0)
+            return self.merged_qkv(full)
         # (B, M, T, S) -> (B, S, T, M); contiguous, or attention's matmuls run on strided memory (many times slower)
         return tuple(conv(full).permute(0, 3, 2, 1).contiguous() for conv in (self.conv_q, self.conv_k, self.conv_v))
+
+    def merged_qkv(self, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Q, K, V ``(B, S, T, M)`` from the multiplicative outputs with their left context ``full``
+        ``(B, M, lk - 1 + T, S)``, by the merged convolution (:meth:`_merged_conv`); no autograd needed.
+
+        A decoding step could also run this as one matrix product (each module's window against the ``3M``
+        filters). Timed cold on one thread of a 2-core Intel Xeon, that won at d 8192-9216 (1.4-1.7x) and lost at
+        d 1024-6144 (0.67-0.91x), where oneDNN's convolution picks a faster algorithm, so the convolution stays.
+        """
+        w, b = self._merged_conv()                                         # (3M, M, lk, mk), (3M,)
+        B, M, L, S = full.shape
+        T = L - (self.length_kernel - 1)
+        y = F.conv2d(full, w, b, padding=(0, w.shape[-1] // 2))            # (B, 3M, T, S)
+        # (B, 3, M, T, S) -> (3, B, S, T, M): one copy makes Q, K and V contiguous
+        return y.view(B, 3, M, T, S).permute(1, 0, 4, 3, 2).contiguous().unbind(0)
 
     def _merged_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The Q, K and V convolutions as one: weight ``(3M, M, lk, mk)`` (V's ``lk x 1`` kernel zero-padded to
