@@ -74,6 +74,7 @@ def test_gap_table_compares_each_seed_with_its_own_dense_run():
     table = gap.gap_table(rows).set_index("lever")
     assert table.loc["sparse", "gap %"] == pytest.approx(7.5)       # mean of +10% and +5%, not of the means
     assert table.loc["sparse", "spread %"] == pytest.approx(100 * 1.15 / 1.625, abs=0.01)
+    assert table.loc["sparse", "gap range"] == pytest.approx(5.0)   # +10% and +5%: the seeds disagree by 5 points
     assert table.loc["sparse d64", "gap %"] == pytest.approx(10.0)  # compared with dense d64, not dense
 
 

@@ -248,10 +248,10 @@ def gap_table(rows: pd.DataFrame) -> pd.DataFrame:
 
     ``gap %`` compares the lever with the dense run of the same seed, steps and size, then averages over seeds;
     ``spread %`` is the range of the lever's own val loss across seeds (as % of its mean), so a gap smaller than
-    the spread is noise.
+    the spread is noise; ``gap range`` is the range of the per-seed gaps (points; 0 with one seed).
     """
     if rows.empty:
-        return pd.DataFrame(columns=["grid", "lever", "steps", "seeds", "val loss", "spread %", "gap %"])
+        return pd.DataFrame(columns=["grid", "lever", "steps", "seeds", "val loss", "spread %", "gap %", "gap range"])
     dense = rows[rows.ff == "dense"].set_index(["grid", "lever", "seed", "steps"]).val_loss
     out = []
     for (grid, lever, n), group in rows.groupby(["grid", "lever", "steps"], sort=False):
@@ -260,7 +260,8 @@ def gap_table(rows: pd.DataFrame) -> pd.DataFrame:
         mean = group.val_loss.mean()
         out.append({"grid": grid, "lever": lever, "steps": n, "seeds": len(group), "val loss": round(mean, 4),
                     "spread %": round(100 * (group.val_loss.max() - group.val_loss.min()) / mean, 2),
-                    "gap %": round(sum(gaps) / len(gaps), 2) if gaps else math.nan})
+                    "gap %": round(sum(gaps) / len(gaps), 2) if gaps else math.nan,
+                    "gap range": round(max(gaps) - min(gaps), 2) if gaps else math.nan})
     return pd.DataFrame(out)
 
 
@@ -319,7 +320,8 @@ def plot_levers(table: pd.DataFrame, *, ax=None, title: str = ""):
 
 
 def plot_gap_against(table: pd.DataFrame, x: str, *, ax=None, xlabel: str | None = None, title: str = ""):
-    """The gap to dense (%) against a column of ``table`` (``steps``, or a number parsed from the lever name)."""
+    """The gap to dense (%) against a column of ``table`` (``steps``, or a number parsed from the lever name);
+    error bars span the per-seed gaps (``gap range``) where the table has them, else half the val loss spread."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -327,7 +329,8 @@ def plot_gap_against(table: pd.DataFrame, x: str, *, ax=None, xlabel: str | None
     many = table["lever"].nunique() > 1 and x == "steps"           # one line per lever against steps
     for lever, part in (table.groupby("lever", sort=False) if many else [(None, table)]):
         part = part.sort_values(x)
-        ax.errorbar(part[x], part["gap %"], yerr=part["spread %"] / 2, marker="o", capsize=3, label=lever)
+        half = part["gap range"] / 2 if "gap range" in part else part["spread %"] / 2
+        ax.errorbar(part[x], part["gap %"], yerr=half, marker="o", capsize=3, label=lever)
     ax.axhline(2, color="k", ls="--", lw=1, label="target: within 2%")
     ax.axhline(0, color="#888888", lw=1)
     ax.set_xscale("log", base=2)
