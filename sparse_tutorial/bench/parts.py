@@ -132,6 +132,7 @@ def block_parts(shape: str = "800m", variants=tuple(BLOCK_VARIANTS), *, cache_le
                             warmup=warmup, cold_cache=True,
                             primes={**{k: f for k, (f, _) in twins.items()}, WHOLE: twin})
         # the parts the block ran: its sparse FF and sparse QKV each as the fused kernel or as the PyTorch parts
+        # (the whole block is the last call of each round, so last_decode_path is the path the block took)
         left_out = set()
         for layer, three, fused in ((step.block.ff, _FF_THREE, _FF_FUSED), (step.block.attn, _QKV_THREE, _QKV_FUSED)):
             if fused in parts:
