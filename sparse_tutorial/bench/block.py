@@ -86,12 +86,15 @@ class _BlockStep:
 
         self.has_sparse_ff = bool(sparse_ff_layers(self.block))
 
+    def reset_cache(self) -> None:
+        """Back to the filled cache, so the next step writes the same position again."""
+        self.cache.truncate(self.cache_len)         # the new position is written in place, as in real decoding
+        self.cache.state = dict(self.saved_state)
+
     def __call__(self):
-        c = self.cache
-        c.truncate(self.cache_len)                  # the new position is written in place, as in real decoding
-        c.state = dict(self.saved_state)
+        self.reset_cache()
         self.i = (self.i + 1) % len(self.xs)
-        return self.block(self.xs[self.i], c)
+        return self.block(self.xs[self.i], self.cache)
 
 
 class _OnPath:

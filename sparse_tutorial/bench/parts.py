@@ -88,8 +88,7 @@ def _attention_parts(attn, x3: torch.Tensor, cache_len: int,
                                          2 * (cache_len + 1) * d * f32)
     if isinstance(attn, ConvQKVAttention) and step is not None and attn.fused_unavailable(x3) is None:
         def fused_qkv():
-            step.cache.truncate(step.cache_len)                       # as _BlockStep: the position in place
-            step.cache.state = dict(step.saved_state)
+            step.reset_cache()
             return attn(x3, step.cache)
         parts[_QKV_FUSED] = (fused_qkv, sum(nbytes for _, nbytes in parts.values()))
     return parts

@@ -248,8 +248,9 @@ class ConvQKVAttention(nn.Module):
         ``(B, M, lk - 1 + T, S)``, by the merged convolution (:meth:`_merged_conv`); no autograd needed.
 
         A decoding step could also run this as one matrix product (each module's window against the ``3M``
-        filters). Timed cold on one thread of a 2-core Intel Xeon, that won at d 8192-9216 (1.4-1.7x) and lost at
-        d 1024-6144 (0.67-0.91x), where oneDNN's convolution picks a faster algorithm, so the convolution stays.
+        filters). In a probe on one CPU that form was faster only at the widest layers and slower at middle
+        widths, where oneDNN's convolution picks a faster algorithm, so the convolution stays; no benchmark of
+        the package times the alternative.
         """
         w, b = self._merged_conv()                                         # (3M, M, lk, mk), (3M,)
         B, M, L, S = full.shape

@@ -251,7 +251,8 @@ def gap_table(rows: pd.DataFrame) -> pd.DataFrame:
     the spread is noise; ``gap range`` is the range of the per-seed gaps (points; 0 with one seed).
     """
     if rows.empty:
-        return pd.DataFrame(columns=["grid", "lever", "steps", "seeds", "val loss", "spread %", "gap %", "gap range"])
+        return pd.DataFrame(columns=["grid", "lever", "steps", "seeds", "val loss", "spread %", "gap %",
+                                     "gap range"])
     dense = rows[rows.ff == "dense"].set_index(["grid", "lever", "seed", "steps"]).val_loss
     out = []
     for (grid, lever, n), group in rows.groupby(["grid", "lever", "steps"], sort=False):
@@ -320,8 +321,8 @@ def plot_levers(table: pd.DataFrame, *, ax=None, title: str = ""):
 
 
 def plot_gap_against(table: pd.DataFrame, x: str, *, ax=None, xlabel: str | None = None, title: str = ""):
-    """The gap to dense (%) against a column of ``table`` (``steps``, or a number parsed from the lever name);
-    error bars span the per-seed gaps (``gap range``) where the table has them, else half the val loss spread."""
+    """The gap to dense (%) against a column of ``table`` (a :func:`gap_table`: ``steps``, or a number parsed from
+    the lever name); error bars reach half the range of the per-seed gaps (``gap range``) either side."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -329,8 +330,7 @@ def plot_gap_against(table: pd.DataFrame, x: str, *, ax=None, xlabel: str | None
     many = table["lever"].nunique() > 1 and x == "steps"           # one line per lever against steps
     for lever, part in (table.groupby("lever", sort=False) if many else [(None, table)]):
         part = part.sort_values(x)
-        half = part["gap range"] / 2 if "gap range" in part else part["spread %"] / 2
-        ax.errorbar(part[x], part["gap %"], yerr=half, marker="o", capsize=3, label=lever)
+        ax.errorbar(part[x], part["gap %"], yerr=part["gap range"] / 2, marker="o", capsize=3, label=lever)
     ax.axhline(2, color="k", ls="--", lw=1, label="target: within 2%")
     ax.axhline(0, color="#888888", lw=1)
     ax.set_xscale("log", base=2)
