@@ -277,8 +277,9 @@ class TransformerLM(nn.Module):
             )
         if cache is not None:
             cache.layers[0].check_batch(B)                              # before any layer writes into it
-        pos = torch.arange(past, past + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))           # (B, T, C)
+        x = self.tok_emb(idx) + self.pos_emb.weight[past:past + T]      # (B, T, C): positions past..past+T-1
+        if self.training and self.cfg.dropout:
+            x = self.drop(x)
         if self.cfg.reversible:
             x = self._reversible_blocks(x, cache)
         else:

@@ -73,9 +73,18 @@ class LayerCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the keys and values of ``T`` new positions ``(B, H, T, hd)``; return all of them ``(B, H, P+T, hd)``."""
-        self.check_batch(k.shape[0])
         P, n = self._length, self._length + k.shape[-2]
-        self._k, self._v = _write_positions(self._k, P, k), _write_positions(self._v, P, v)
+        kb, vb = self._k, self._v
+        if (P and kb is not None and n <= kb.shape[-2] and kb.shape[:-2] == k.shape[:-2] == vb.shape[:-2]
+                and kb.shape[-1] == k.shape[-1] and kb.dtype == k.dtype and kb.device == k.device
+                and not torch.is_grad_enabled()):
+            # A decoding step: the buffers have room, so write the new positions in place (the checks of
+            # _write_positions, which this skips, cost about as much as the copies at batch 1)
+            kb[:, :, P:n].copy_(k)
+            vb[:, :, P:n].copy_(v)
+        else:
+            self.check_batch(k.shape[0])
+            self._k, self._v = _write_positions(kb, P, k), _write_positions(vb, P, v)
         self._length = n
         return self._k[:, :, :n], self._v[:, :, :n]
 
@@ -174,15 +183,21 @@ class CausalSelfAttention(nn.Module):
     def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
         """Q, K, V for the new tokens, each ``(B, H, T, hd)``."""
         B, T, C = check_attention_input(x, self.d_model)
-        q, k, v = self.qkv(x).split(C, dim=-1)                                  # 3 x (B, T, C)
-        return tuple(t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        return self._heads(x, B, T, C)
+
+    def _heads(self, x: torch.Tensor, B: int, T: int, C: int) -> tuple[torch.Tensor, ...]:
+        # One product, then views: (B, T, 3C) -> (B, T, 3, H, hd) -> (3, B, H, T, hd), split into Q, K, V. Two
+        # view calls where splitting first and reshaping each head takes seven: at batch 1 a decoding step is a
+        # chain of small calls, and each costs about as much as the arithmetic it starts.
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # 3 x (B, H, T, hd)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = check_attention_input(x, self.d_model)
-        q, k, v = self.heads(x)
+        q, k, v = self._heads(x, B, T, C)
         y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))                     # (B, T, C)
+        return self.resid_dropout(y) if self.training and self.dropout else y  # no call where it does nothing
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}"
