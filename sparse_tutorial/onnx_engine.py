@@ -18,12 +18,16 @@ ordinary ONNX operators (``ArgMax``, ``Gather``).
 :func:`trace_decoder` traces the same two graphs with ``torch.jit.trace`` instead (TorchScript), and PyTorch's
 graph executor runs them: the model's Python (module calls, argument checks, the cache's bookkeeping) runs once,
 at tracing, and not at every token. It needs nothing beyond PyTorch, and :class:`OnnxDecoder` drives both.
+:func:`compile_decoder` compiles them with ``torch.compile`` (TorchInductor's generated C++), PyTorch's own way
+to drop the Python; it needs a C++ compiler.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
+import shutil
 import tempfile
 import time
 import warnings
@@ -38,7 +42,7 @@ from .layers.attention import LayerCache
 from .model import ModelCache, TransformerLM
 
 __all__ = ["available", "unavailable_reason", "StepCache", "state_names", "OnnxDecoder", "export_decoder",
-           "trace_decoder"]
+           "trace_decoder", "compile_decoder", "compile_unavailable_reason"]
 
 _MODULES = ("onnx", "onnxscript", "onnxruntime")
 #: the attention kinds whose cache is keys, values and (for "conv") the convolution's inputs
@@ -102,6 +106,8 @@ class StepCache(LayerCache):
         if self.past_k is not None:
             k = torch.cat([self.past_k, k], dim=-2)        # (B, H, P + T, hd)
             v = torch.cat([self.past_v, v], dim=-2)
+        else:                                              # the prompt's keys are views into one product:
+            k, v = k.contiguous(), v.contiguous()          # every state that leaves a graph has one layout
         self.out_k, self.out_v = k, v
         return k, v
 
@@ -250,6 +256,55 @@ def trace_decoder(model: TransformerLM, *, batch: int = 1, threads: int = 1) -> 
         graphs = [torch.jit.trace(_Graph(model, step=False), (prompt_idx,), check_trace=False),
                   torch.jit.trace(_Graph(model, step=True), (step_idx, *state), check_trace=False)]
     sessions = [_TracedSession(g, feeds, threads) for g, feeds in zip(graphs, (["idx"], ["idx", *names]))]
+    return OnnxDecoder(*sessions, names, cfg.vocab_size, cfg.context_length)
+
+
+def compile_unavailable_reason() -> str | None:
+    """Why :func:`compile_decoder` cannot run here (no C++ compiler on the ``PATH``), or None where it may.
+
+    A compiler that is found can still fail on an unusual machine; :func:`compile_decoder` then says so."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        return "torch.compile's CPU code needs a C++ compiler and none is on the PATH (on Debian: apt-get install g++)"
+    return None
+
+
+def compile_decoder(model: TransformerLM, *, batch: int = 1, threads: int = 1) -> OnnxDecoder:
+    """``model``'s prompt and step graphs compiled with ``torch.compile`` (TorchInductor), run by PyTorch.
+
+    The graphs are the ones :func:`trace_decoder` traces (same inputs, outputs and limits), compiled with
+    dynamic shapes, so one compilation serves every prompt length and every length of the cache. Inductor writes
+    and compiles C++ for the CPU: it needs a C++ compiler (``g++``), and compiling both graphs takes tens of
+    seconds on a 2-core machine. Both graphs are compiled here, on examples, so a machine without a working
+    compiler fails at once, with a RuntimeError that says so. The graphs belong to a copy of ``model`` whose sparse
+    FF layers keep their PyTorch decode path (Numba's kernel is not a tensor operation Inductor can compile), so
+    the model itself is left as it was. ``threads``: PyTorch's threads while a graph runs.
+    """
+    _check_model(model)
+    _check_counts(batch, threads)
+    model = copy.deepcopy(model).eval()
+    names, cfg = state_names(model), model.cfg
+    for m in model.modules():
+        if hasattr(m, "decode_path"):
+            m.decode_path = "pytorch"
+    # Every compiled graph runs the same Python function (_Graph.forward), and Dynamo keeps at most
+    # recompile_limit graphs per function before it silently runs the rest uncompiled: two per model here
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    graphs = [torch.compile(_Graph(model, step=False), dynamic=True),
+              torch.compile(_Graph(model, step=True), dynamic=True)]
+    sessions = [_TracedSession(g, feeds, threads) for g, feeds in zip(graphs, (["idx"], ["idx", *names]))]
+    quiet = logging.getLogger("torch.utils.cpp_extension")      # its note that this machine has no CUDA
+    level = quiet.level
+    try:
+        quiet.setLevel(logging.ERROR)
+        prompt_idx, step_idx, state = _examples(model, batch)
+        sessions[0].run(None, {"idx": prompt_idx.numpy()})
+        sessions[1].run(None, {"idx": step_idx.numpy(), **{n: t.numpy() for n, t in zip(names, state)}})
+    except Exception as e:    # Inductor raises its own kinds: a missing or failing compiler, an unsupported op
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(f"torch.compile could not compile the decoding graphs here ({type(e).__name__}: "
+                           f"{first_line}); it needs a working C++ compiler (on Debian: apt-get install g++)") from e
+    finally:
+        quiet.setLevel(level)
     return OnnxDecoder(*sessions, names, cfg.vocab_size, cfg.context_length)
 
 

@@ -80,9 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sparse-decode-max-rows", type=int, default=None)
     s.add_argument("--engine", nargs="+", default=["pytorch"], choices=list(ENGINES),
                    help="'torchscript' traces each model's decoding step with torch.jit.trace, 'onnxruntime' "
-                        "exports it to ONNX and runs it in ONNX Runtime; both are timed beside eager PyTorch, "
-                        "every step's logits checked against it (one batch size; the 'fused' path is eager "
-                        "PyTorch's only)")
+                        "exports it to ONNX and runs it in ONNX Runtime, 'compile' compiles it with "
+                        "torch.compile (needs a C++ compiler; tens of seconds a model); each is timed beside "
+                        "eager PyTorch, every step's logits checked against it (one batch size; the 'fused' "
+                        "path is eager PyTorch's only)")
 
     s = sub.add_parser("threads", parents=[common, path],
                        help="1 thread against 2 (wall time, median and quartiles): FF layer and block")
@@ -158,7 +159,7 @@ def _run(args) -> pd.DataFrame:
     if c == "generate" and args.engine != ["pytorch"]:
         batches = args.batch_sizes or [1]
         if len(batches) != 1 or args.sparse_decode_max_rows is not None:
-            raise ValueError(f"--engine torchscript or onnxruntime times one batch size with the models' own "
+            raise ValueError(f"--engine other than pytorch times one batch size with the models' own "
                              f"decode rule; got batch sizes {batches}, "
                              f"sparse_decode_max_rows={args.sparse_decode_max_rows}")
         return engine_generate(args.variants, engines=args.engine, batch=batches[0], d_model=args.d_model,

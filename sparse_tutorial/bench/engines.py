@@ -1,6 +1,6 @@
-"""``bench generate --engine pytorch torchscript onnxruntime``: the whole-model decoding of :mod:`.whole_model` in
-eager PyTorch, as TorchScript graphs (``torch.jit.trace``) and in ONNX Runtime (:mod:`sparse_tutorial.onnx_engine`),
-side by side.
+"""``bench generate --engine pytorch torchscript onnxruntime compile``: the whole-model decoding of
+:mod:`.whole_model` in eager PyTorch, as TorchScript graphs (``torch.jit.trace``), in ONNX Runtime and compiled by
+``torch.compile`` (:mod:`sparse_tutorial.onnx_engine`), side by side.
 
 The same models (same seed, random weights) decode the same prompt greedily in every engine, round-robin.
 Every step's logits in a graph engine are compared with eager PyTorch's, so a speed-up is never bought with a
@@ -24,10 +24,15 @@ from .harness import check_choice, check_counts, clock, free_memory, machine_col
 from .paths import check_paths, sparse_ff_layers
 from .whole_model import MODEL_VARIANTS, Generation, all_variants, build_model, model_config, time_generations
 
-__all__ = ["ENGINES", "engine_generate", "bytes_floor"]
+__all__ = ["ENGINES", "DEFAULT_ENGINES", "engine_generate", "bytes_floor"]
 
-#: the engines ``generate`` can time: eager PyTorch, TorchScript graphs (``torch.jit.trace``), ONNX Runtime
-ENGINES = ("pytorch", "torchscript", "onnxruntime")
+#: the engines ``generate`` can time: eager PyTorch, TorchScript graphs (``torch.jit.trace``), ONNX Runtime, and
+#: the same graphs compiled by ``torch.compile`` (TorchInductor; needs a C++ compiler, and tens of seconds a model)
+ENGINES = ("pytorch", "torchscript", "onnxruntime", "compile")
+
+#: the engines :func:`engine_generate` times unless told otherwise (chapter 5's table): all but ``compile``,
+#: whose compilation would take most of the chapter's time in CI
+DEFAULT_ENGINES = ("pytorch", "torchscript", "onnxruntime")
 
 
 class _GraphGeneration:
@@ -60,7 +65,7 @@ def _pytorch_logits(model, prompt: torch.Tensor, new_tokens: int) -> list[np.nda
     return out
 
 
-def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines: Sequence[str] = ENGINES,
+def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines: Sequence[str] = DEFAULT_ENGINES,
                     batch: int = 1, d_model: int = 384, n_layers: int = 6, prompt_len: int = 100,
                     new_tokens: int = 20, context_length: int = 256, qkv_modules: int = 16,
                     repeats: int = 5, warmup: int = 1, progress: bool = True,
@@ -71,8 +76,8 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
     ``decode IQR / median``, ``speed-up (dense / variant)`` within the engine, ``speed-up vs fastest dense``
     (the fastest dense engine's time over this row's), and ``max |logit diff|`` against PyTorch over the prompt and
     every step (0 for PyTorch itself). In PyTorch the sparse FF layers decode by ``path`` (:mod:`.paths`; default
-    the best available); the graphs of ``torchscript`` and ``onnxruntime`` trace the PyTorch reference
-    (:meth:`SparseFF.decode`).
+    the best available); the graphs of ``torchscript``, ``onnxruntime`` and ``compile`` trace the PyTorch
+    reference (:meth:`SparseFF.decode`).
     """
     path = check_paths(path)[0]
     variants, engines = list(variants), list(engines)
@@ -94,7 +99,8 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
     models = {v: build_model(v, d_model, n_layers, context_length, qkv_modules, None) for v in variants}
     prompt = torch.randint(0, models[variants[0]].cfg.vocab_size, (batch, prompt_len))
     runs, errors = {}, {}
-    graphs = {"torchscript": onnx_engine.trace_decoder, "onnxruntime": onnx_engine.export_decoder}
+    graphs = {"torchscript": onnx_engine.trace_decoder, "onnxruntime": onnx_engine.export_decoder,
+              "compile": onnx_engine.compile_decoder}
     for v, m in tqdm(models.items(), desc="export", disable=not progress or engines == ["pytorch"]):
         if "pytorch" in engines:
             runs[(v, "pytorch")] = Generation(m, prompt, new_tokens, path if sparse_ff_layers(m) else None)
