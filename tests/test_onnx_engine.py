@@ -9,6 +9,7 @@ import torch
 from sparse_tutorial import bench, onnx_engine
 from sparse_tutorial.bench import cli
 from sparse_tutorial.bench.engines import bytes_floor, engine_generate
+from sparse_tutorial.layers import sparse_ff_kernel
 from sparse_tutorial.model import ModelConfig, TransformerLM
 
 pytestmark = pytest.mark.skipif(not onnx_engine.available(), reason=str(onnx_engine.unavailable_reason()))
@@ -123,8 +124,10 @@ def test_without_the_packages_the_engine_says_what_to_install(monkeypatch):
 def test_engine_bench_checks_every_step_against_pytorch():
     df = engine_generate(["dense", "sparse FF"], d_model=64, n_layers=1, prompt_len=6, new_tokens=3,
                          context_length=16, repeats=2, warmup=0, progress=False)
-    assert list(df["engine"]) == ["pytorch", "torchscript", "onnxruntime"] * 2
+    assert list(df["engine"]) == ["pytorch", "lean", "torchscript", "onnxruntime"] * 2
     assert (df["max |logit diff|"] < 1e-4).all()
+    if sparse_ff_kernel.available():                   # the lean step runs eager PyTorch's fused kernels
+        assert list(df.loc[df["variant"] == "sparse FF", "step path"].iloc[:2]) == ["fused", "fused"]
     assert (df.loc[df["engine"] == "pytorch", "max |logit diff|"] == 0).all()
     assert (df["decode µs per token"] > 0).all()
     dense = df[df["variant"] == "dense"].set_index("engine")["decode µs per token"]

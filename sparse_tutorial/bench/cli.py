@@ -79,11 +79,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="chapter 5's variants by default; every registered FF kind is one too, e.g. 'moe FF'")
     s.add_argument("--sparse-decode-max-rows", type=int, default=None)
     s.add_argument("--engine", nargs="+", default=["pytorch"], choices=list(ENGINES),
-                   help="'torchscript' traces each model's decoding step with torch.jit.trace, 'onnxruntime' "
+                   help="'lean' runs eager PyTorch's kernels with the per-call Python done once "
+                        "(sparse_tutorial.lean_decode), 'torchscript' traces each model's decoding step with "
+                        "torch.jit.trace, 'onnxruntime' "
                         "exports it to ONNX and runs it in ONNX Runtime, 'compile' compiles it with "
                         "torch.compile (needs a C++ compiler; tens of seconds a model); each is timed beside "
                         "eager PyTorch, every step's logits checked against it (one batch size; the 'fused' "
-                        "path is eager PyTorch's only)")
+                        "paths are eager PyTorch's and the lean step's only)")
 
     s = sub.add_parser("threads", parents=[common, path],
                        help="1 thread against 2 (wall time, median and quartiles): FF layer and block")

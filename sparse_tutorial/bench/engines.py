@@ -1,6 +1,7 @@
-"""``bench generate --engine pytorch torchscript onnxruntime compile``: the whole-model decoding of
-:mod:`.whole_model` in eager PyTorch, as TorchScript graphs (``torch.jit.trace``), in ONNX Runtime and compiled by
-``torch.compile`` (:mod:`sparse_tutorial.onnx_engine`), side by side.
+"""``bench generate --engine pytorch lean torchscript onnxruntime compile``: the whole-model decoding of
+:mod:`.whole_model` in eager PyTorch, by its lean step (:mod:`sparse_tutorial.lean_decode`), as TorchScript graphs
+(``torch.jit.trace``), in ONNX Runtime and compiled by ``torch.compile`` (:mod:`sparse_tutorial.onnx_engine`),
+side by side.
 
 The same models (same seed, random weights) decode the same prompt greedily in every engine, round-robin.
 Every step's logits in a graph engine are compared with eager PyTorch's, so a speed-up is never bought with a
@@ -18,21 +19,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import onnx_engine
+from ..lean_decode import LeanDecoder
 from ..measure.timing import spread
 from ..model import TransformerLM
 from .harness import check_choice, check_counts, clock, free_memory, machine_columns, positive
-from .paths import check_paths, sparse_ff_layers
+from .paths import check_paths, sparse_ff_layers, use_path
 from .whole_model import MODEL_VARIANTS, Generation, all_variants, build_model, model_config, time_generations
 
 __all__ = ["ENGINES", "DEFAULT_ENGINES", "engine_generate", "bytes_floor"]
 
-#: the engines ``generate`` can time: eager PyTorch, TorchScript graphs (``torch.jit.trace``), ONNX Runtime, and
-#: the same graphs compiled by ``torch.compile`` (TorchInductor; needs a C++ compiler, and tens of seconds a model)
-ENGINES = ("pytorch", "torchscript", "onnxruntime", "compile")
+#: the engines ``generate`` can time: eager PyTorch, its lean step (:class:`~sparse_tutorial.lean_decode.LeanDecoder`:
+#: the same kernels, the per-call Python done once), TorchScript graphs (``torch.jit.trace``), ONNX Runtime, and
+#: the graphs compiled by ``torch.compile`` (TorchInductor; needs a C++ compiler, and tens of seconds a model)
+ENGINES = ("pytorch", "lean", "torchscript", "onnxruntime", "compile")
 
 #: the engines :func:`engine_generate` times unless told otherwise (chapter 5's table): all but ``compile``,
 #: whose compilation would take most of the chapter's time in CI
-DEFAULT_ENGINES = ("pytorch", "torchscript", "onnxruntime")
+DEFAULT_ENGINES = ("pytorch", "lean", "torchscript", "onnxruntime")
 
 
 class _GraphGeneration:
@@ -51,6 +54,26 @@ class _GraphGeneration:
     def __call__(self):
         _, self.logits = self.decoder.generate(self.prompt, self.new_tokens + 1, clock=clock())
         self.per_token.append(statistics.fmean(self.decoder.per_token))
+
+
+class _LeanGeneration(_GraphGeneration):
+    """:class:`_GraphGeneration` with the lean step (:class:`~sparse_tutorial.lean_decode.LeanDecoder`) in PyTorch;
+    the sparse layers take the model's decode paths (the fused kernels where they apply)."""
+
+    def __init__(self, model: TransformerLM, prompt: torch.Tensor, new_tokens: int, path: str | None):
+        super().__init__(LeanDecoder(model), prompt, new_tokens)
+        self.model, self.prompt_t, self.path = model, prompt, path
+        #: the path the sparse FF layers took (None: the model has none)
+        self.step_path: str | None = None
+
+    def __call__(self):
+        if self.path is not None:
+            use_path(self.model, self.path)
+        _, logits = self.decoder.generate(self.prompt_t, self.new_tokens + 1, clock=clock())
+        self.logits = logits
+        self.per_token.append(statistics.fmean(self.decoder.per_token))
+        layers = sparse_ff_layers(self.model)
+        self.step_path = layers[0].last_decode_path if layers else None
 
 
 def _pytorch_logits(model, prompt: torch.Tensor, new_tokens: int) -> list[np.ndarray]:
@@ -75,8 +98,8 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
     Columns: ``decode µs per token`` (median over ``repeats`` generations of the mean step), its
     ``decode IQR / median``, ``speed-up (dense / variant)`` within the engine, ``speed-up vs fastest dense``
     (the fastest dense engine's time over this row's), and ``max |logit diff|`` against PyTorch over the prompt and
-    every step (0 for PyTorch itself). In PyTorch the sparse FF layers decode by ``path`` (:mod:`.paths`; default
-    the best available); the graphs of ``torchscript``, ``onnxruntime`` and ``compile`` trace the PyTorch
+    every step (0 for PyTorch itself). In PyTorch and its lean step the sparse FF layers decode by ``path``
+    (:mod:`.paths`; default the best available); the graphs of ``torchscript``, ``onnxruntime`` and ``compile`` trace the PyTorch
     reference (:meth:`SparseFF.decode`).
     """
     path = check_paths(path)[0]
@@ -105,6 +128,11 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
         if "pytorch" in engines:
             runs[(v, "pytorch")] = Generation(m, prompt, new_tokens, path if sparse_ff_layers(m) else None)
             errors[(v, "pytorch")] = 0.0
+        if "lean" in engines:
+            run = runs[(v, "lean")] = _LeanGeneration(m, prompt, new_tokens, path if sparse_ff_layers(m) else None)
+            run()
+            ref = _pytorch_logits(m, prompt, new_tokens)
+            errors[(v, "lean")] = max(float(np.abs(a - b).max()) for a, b in zip(run.logits, ref))
         for e in (e for e in engines if e in graphs):
             decoder = graphs[e](m, batch=batch, threads=torch.get_num_threads())
             run = runs[(v, e)] = _GraphGeneration(decoder, prompt, new_tokens)

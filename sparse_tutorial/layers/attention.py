@@ -105,6 +105,28 @@ class LayerCache:
         self._length = n
         return True
 
+    def reserve(self, capacity: int, state: tuple[str, ...] = ()) -> None:
+        """Give the key and value buffers, and the per-position ``state`` buffers named, room for ``capacity``
+        positions (the filled ones copied), so that no later call up to ``capacity`` positions reallocates them:
+        a decoder may then hold on to the buffers (:mod:`sparse_tutorial.lean_decode`). Needs a filled cache."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < max(1, self._length):
+            raise ValueError(f"capacity must be an integer >= the {self._length} positions held (and >= 1), "
+                             f"got capacity={capacity!r}")
+        if self._k is None:
+            raise ValueError("reserve needs a cache that holds positions: run the prompt through it first")
+        P = self._length
+
+        def grown(buf: torch.Tensor) -> torch.Tensor:
+            if buf.shape[-2] >= capacity:
+                return buf
+            new = buf.new_empty(buf.shape[:-2] + (capacity, buf.shape[-1]))
+            new[..., :P, :].copy_(buf[..., :P, :])
+            return new
+
+        self._k, self._v = grown(self._k), grown(self._v)
+        for name in state:
+            self.state[name] = grown(self.state[name])
+
     def extend_state(self, name: str, new: torch.Tensor) -> torch.Tensor:
         """Per-position state beside the keys: write ``new`` ``(..., T, X)`` at the positions this call adds.
 
@@ -198,6 +220,28 @@ class CausalSelfAttention(nn.Module):
         y = cached_attention(q, k, v, cache, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))                     # (B, T, C)
         return self.resid_dropout(y) if self.training and self.dropout else y  # no call where it does nothing
+
+    def step_function(self, cache: LayerCache):
+        """This layer's decoding step with every look-up done once: ``step(h, P)`` takes the normalised input of one
+        new token per sequence, ``h`` ``(B, C)``, at position ``P``, writes its key and value into ``cache``'s
+        buffers and returns the attention's output ``(B, C)``. Used by :class:`~sparse_tutorial.lean_decode.LeanDecoder`,
+        which reserves the cache's room first (the buffers are held, not looked up). None when the projections are
+        not plain ``nn.Linear`` layers (int8 ones): then the caller runs the module."""
+        if type(self.qkv) is not nn.Linear or type(self.proj) is not nn.Linear:
+            return None
+        wq, bq, wo, bo = self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias
+        C, H = self.d_model, self.n_heads
+        k_buf, v_buf = cache.buffers()                                          # (B, H, capacity, hd)
+
+        def step(h: torch.Tensor, P: int) -> torch.Tensor:
+            B = h.shape[0]
+            qkv = F.linear(h, wq, bq).view(B, 3, H, 1, C // H)                  # Q, K, V of the new position
+            k_buf[:, :, P:P + 1].copy_(qkv[:, 1])
+            v_buf[:, :, P:P + 1].copy_(qkv[:, 2])
+            y = F.scaled_dot_product_attention(qkv[:, 0], k_buf[:, :, :P + 1], v_buf[:, :, :P + 1])  # (B, H, 1, hd)
+            cache._length = P + 1
+            return F.linear(y.view(B, C), wo, bo)                               # (B, C)
+        return step
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}"

@@ -70,6 +70,13 @@ class FeedForward(abc.ABC, nn.Module):
         """The inference path; here the same as :meth:`forward` (override it together with ``has_sparse_decode``)."""
         return self.forward(x)
 
+    def step_function(self, rows: int = 1):
+        """This layer's inference path for ``rows`` tokens, ``(rows, d_model) -> (rows, d_model)``, with what it
+        looks up at every call (weights, checks) done once, for a decoder that calls it token after token
+        (:class:`~sparse_tutorial.lean_decode.LeanDecoder`). It reads the weights as they are now: ask again after
+        changing them. Here :meth:`decode` itself; kinds override it where the look-ups cost more than the work."""
+        return self.decode
+
     def num_params(self) -> int:
         """Parameters stored by the layer."""
         return sum(p.numel() for p in self.parameters())

@@ -32,6 +32,14 @@ class DenseFF(FeedForward):
 
     # decode: the interface's default, forward itself (a dense layer has no cheaper path)
 
+    def step_function(self, rows: int = 1):
+        """:meth:`forward` on ``(B, d_model)`` with the weights looked up once (no dropout: inference); the
+        module's own calls for layers that are not plain ``nn.Linear`` (int8 ones)."""
+        if type(self.w1) is not nn.Linear or type(self.w2) is not nn.Linear:
+            return self.decode
+        w1, b1, w2, b2 = self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias
+        return lambda x: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)  # (B, d_model)
+
     def active_params_per_token(self) -> int:
         """Every weight and bias: ``2 d d_ff + d_ff + d``."""
         return self.num_params()

@@ -343,6 +343,28 @@ class ConvQKVAttention(nn.Module):
         self.__dict__["last_decode_path"] = "fused"                       # nn.Module.__setattr__ costs microseconds
         return torch.from_numpy(y).view(B, 1, self.d_model)               # (B, S, M) -> (B, 1, C)
 
+    def step_function(self, cache: LayerCache):
+        """The fused decoding step with every look-up done once: ``step(h, P)`` takes the normalised input of one
+        new token per sequence, ``h`` ``(B, C)`` float32, at position ``P``, writes its convolution input, key and
+        value into ``cache``'s buffers and returns the attention's output ``(B, C)``. Used by
+        :class:`~sparse_tutorial.lean_decode.LeanDecoder`, which reserves the cache's room first (the buffers are
+        held, not looked up). None where the fused step does not apply (then the caller runs the module)."""
+        why_not = self.fused_unavailable(torch.empty(1, 1, self.d_model))
+        if why_not is not None or self.decode_path == "pytorch" or torch.is_grad_enabled():
+            return None
+        weights, run, lk, C = self._fused_weights(), _kernel_module().run, self.length_kernel, self.d_model
+        conv_in = cache.state["conv_inputs"]                                   # (B, M, capacity, S)
+        k_buf, v_buf = cache.buffers()                                         # (B, S, capacity, M)
+        arrays = conv_in.numpy(), k_buf.numpy(), v_buf.numpy()
+        self.__dict__["last_decode_path"] = "fused"
+
+        def step(h: torch.Tensor, P: int) -> torch.Tensor:
+            y = run(h.numpy(), weights, *arrays, P)                            # (B, S, M)
+            cache._length = P + 1
+            cache.state["conv_context"] = conv_in[:, :, max(0, P + 2 - lk):P + 1]
+            return torch.from_numpy(y).view(h.shape[0], C)                     # (B, C)
+        return step
+
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = check_attention_input(x, self.d_model)
         if cache is not None and self.decode_path != "pytorch":

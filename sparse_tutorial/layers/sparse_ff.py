@@ -494,6 +494,21 @@ class SparseFF(FeedForward):
         self.__dict__["last_decode_path"] = "fused"                   # nn.Module.__setattr__ costs microseconds
         return torch.from_numpy(out).view(*x.shape[:-1], self.d_model)
 
+    def step_function(self, rows: int = 1):
+        """:meth:`decode` on ``(rows, d_model)`` float32 as one call of the fused kernel, with the weights and the
+        checks done once; :meth:`decode` itself where the kernel does not apply to this layer or to ``rows``
+        tokens (more than :attr:`FUSED_MAX_ROWS`), or :attr:`decode_path` is ``"pytorch"``. Inference only."""
+        why_not, weights = self._fused_check(None)
+        if why_not is not None or self.decode_path == "pytorch" or rows > self.FUSED_MAX_ROWS:
+            return self.decode
+        run, block_size, scale = _kernel_module().run, self.block_size, self.scale_by_prob
+        self.__dict__["last_decode_path"] = "fused"
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            out, _ = run(x.numpy(), weights, block_size, scale)                # x: (B, d), C-contiguous
+            return torch.from_numpy(out)                                       # (B, d)
+        return step
+
     def decode(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """The sparse computation: touch only the ``n_blocks`` selected rows of ``W1^T`` and ``W2``.
 

@@ -1,0 +1,142 @@
+"""A lean decoding step: the whole model's per-token work with the Python of the eager step taken out.
+
+At batch 1 a decoding step is a chain of small operations, and in eager PyTorch each module call also checks
+its input, looks up its weights and picks a path: per block about a dozen calls whose fixed cost is as large as
+the arithmetic of a sparse layer (chapter 5 measures it). :class:`LeanDecoder` does those look-ups once, after
+the prompt, and then runs each new token as
+
+* the token and position embeddings, added (``(B, C)``: one token per sequence, no time axis);
+* per block: ``x + attn_step(layer_norm(x), P)`` and ``x + ff_step(layer_norm(x))``, where each layer kind's
+  ``step_function`` (:meth:`FeedForward.step_function <sparse_tutorial.layers.base.FeedForward.step_function>`,
+  and the attention kinds' ``step_function(cache)``) has bound its weights and, where a fused kernel exists, is
+  one call of it;
+* the final layer norm and the tied output head.
+
+The cache is the model's own :class:`~sparse_tutorial.model.ModelCache`, given room for the whole context once
+(:meth:`LayerCache.reserve <sparse_tutorial.layers.attention.LayerCache.reserve>`), so no step reallocates a
+buffer. A layer kind without a ``step_function`` (LSH attention, int8 layers) is called as a module, on the same
+cache: the decoder is never wrong for a kind it does not know, only less lean. The tests check every step's
+logits against the model's own cached forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import TransformerLM
+
+__all__ = ["LeanDecoder"]
+
+
+class LeanDecoder:
+    """Greedy or step-by-step decoding of ``model`` (eval mode) with the lean step.
+
+    ``prefill(idx)`` runs the prompt through the model's own forward (one call, the cache filled), reserves the
+    cache's room and binds every layer's step; ``step(idx)`` then decodes one new token per sequence. The steps
+    read the weights as they were at :meth:`prefill`: call it again after changing them.
+    """
+
+    def __init__(self, model: TransformerLM):
+        if not isinstance(model, TransformerLM):
+            raise ValueError(f"model must be a TransformerLM, got {type(model).__name__}")
+        cfg = model.cfg
+        if cfg.reversible or cfg.sru_dim:
+            raise ValueError(f"the lean step takes neither reversible streams nor the SRU branch, got "
+                             f"reversible={cfg.reversible!r}, sru_dim={cfg.sru_dim!r}")
+        self.model = model.eval()
+        self.cache = None
+        self._plan = None
+        #: seconds of each step of the last :meth:`generate` given a clock
+        self.per_token: list[float] = []
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """The prompt ``idx`` ``(B, T)`` through the model's forward with a new cache; returns its logits
+        ``(B, T, vocab)`` and makes the decoder ready for :meth:`step`."""
+        m, ctx = self.model, self.model.cfg.context_length
+        with torch.inference_mode():
+            self.cache = m.new_cache()
+            logits, _ = m(idx, cache=self.cache)
+            for block, layer in zip(m.blocks, self.cache.layers):
+                if hasattr(block.attn, "step_function"):                # the kinds whose steps hold the buffers
+                    layer.reserve(ctx, ("conv_inputs",) if "conv_inputs" in layer.state else ())
+            B = idx.shape[0]
+            self._plan = [(_norm(block.ln1), self._attention_step(block, layer, B), _norm(block.ln2),
+                           self._ff_step(block, B)) for block, layer in zip(m.blocks, self.cache.layers)]
+            self._final = _norm(m.ln_f)
+            head = m.head
+            self._head = (lambda h: F.linear(h, head.weight)) if type(head) is nn.Linear else head
+            self._emb = m.tok_emb.weight, m.pos_emb.weight                  # (vocab, C), (context, C)
+            self._batch = B
+        return logits
+
+    @staticmethod
+    def _attention_step(block, layer, B):
+        make = getattr(block.attn, "step_function", None)
+        step = None if make is None else make(layer)
+        if step is not None:
+            return step
+        attn = block.attn                                          # the module, on the same cache
+
+        def module_step(h: torch.Tensor, P: int) -> torch.Tensor:
+            return attn(h.view(B, 1, -1), layer).view(B, -1)
+        return module_step
+
+    @staticmethod
+    def _ff_step(block, B):
+        ff = block.ff
+        if ff.has_sparse_decode and B > block.sparse_decode_max_rows:
+            return lambda h: ff(h)                                  # Block.feed_forward's rule: the masked forward
+        return ff.step_function(B)                                  # decode (forward itself for dense kinds)
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, ``idx`` ``(B, 1)``, after the cache; returns the logits ``(B, 1, vocab)``."""
+        if self._plan is None:
+            raise ValueError("call prefill(prompt) before step()")
+        cfg = self.model.cfg
+        P = self.cache.length
+        if idx.shape != (self._batch, 1):
+            raise ValueError(f"idx must be a (batch={self._batch}, 1) tensor of token ids, got shape "
+                             f"{tuple(idx.shape)}")
+        if P >= cfg.context_length:
+            raise ValueError(f"the cache holds context_length={cfg.context_length} positions: no room for "
+                             f"another token (prefill the last ones again to slide the window)")
+        layer_norm = F.layer_norm
+        with torch.inference_mode():
+            tok, pos = self._emb
+            x = tok[idx[:, 0]] + pos[P]                                      # (B, C)
+            for (s1, g1, b1, e1), attn_step, (s2, g2, b2, e2), ff_step in self._plan:
+                x = x + attn_step(layer_norm(x, s1, g1, b1, e1), P)
+                x = x + ff_step(layer_norm(x, s2, g2, b2, e2))
+            logits = self._head(layer_norm(x, *self._final))                # (B, vocab or padded)
+        return logits[:, None, :cfg.vocab_size]
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, clock=None) -> tuple[torch.Tensor, list]:
+        """Greedy continuation of ``idx`` ``(B, T0)`` by ``max_new_tokens`` tokens within the context. Returns the
+        tokens ``(B, T0 + new)`` and the last position's logits after the prompt and after each step (NumPy),
+        as :meth:`OnnxDecoder.generate <sparse_tutorial.onnx_engine.OnnxDecoder.generate>`; with ``clock``, the
+        time of each step (by ``clock``) in :attr:`per_token`."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got max_new_tokens={max_new_tokens!r}")
+        if idx.dim() != 2 or idx.shape[1] + max_new_tokens > self.model.cfg.context_length:
+            raise ValueError(f"idx must be a (batch, time) tensor and prompt length + max_new_tokens must fit in "
+                             f"context_length={self.model.cfg.context_length}, got shape {tuple(idx.shape)} "
+                             f"and max_new_tokens={max_new_tokens}")
+        logits = self.prefill(idx)
+        seen = [logits[:, -1].numpy()]
+        self.per_token = []
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)                       # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+            if i < max_new_tokens - 1:                                          # the last token needs no step
+                t0 = clock() if clock else 0.0
+                logits = self.step(nxt)
+                if clock:
+                    self.per_token.append(clock() - t0)
+                seen.append(logits[:, -1].numpy())
+        return idx, seen
+
+
+def _norm(ln: nn.LayerNorm) -> tuple:
+    """``F.layer_norm``'s arguments after the input, looked up once."""
+    return ln.normalized_shape, ln.weight, ln.bias, ln.eps
