@@ -6,7 +6,8 @@ the arithmetic of a sparse layer (chapter 5 measures it). :class:`LeanDecoder` d
 the prompt, and then runs each new token as
 
 * the token and position embeddings, added (``(B, C)``: one token per sequence, no time axis);
-* per block: ``x + attn_step(layer_norm(x), P)`` and ``x + ff_step(layer_norm(x))``, where each layer kind's
+* per block, :meth:`Block.step_function <sparse_tutorial.model.Block.step_function>`:
+  ``x + attn_step(layer_norm(x), P)`` and ``x + ff_step(layer_norm(x))``, where each layer kind's
   ``step_function`` (:meth:`FeedForward.step_function <sparse_tutorial.layers.base.FeedForward.step_function>`,
   and the attention kinds' ``step_function(cache)``) has bound its weights and, where a fused kernel exists, is
   one call of it;
@@ -40,10 +41,9 @@ class LeanDecoder:
     def __init__(self, model: TransformerLM):
         if not isinstance(model, TransformerLM):
             raise ValueError(f"model must be a TransformerLM, got {type(model).__name__}")
-        cfg = model.cfg
-        if cfg.reversible or cfg.sru_dim:
-            raise ValueError(f"the lean step takes neither reversible streams nor the SRU branch, got "
-                             f"reversible={cfg.reversible!r}, sru_dim={cfg.sru_dim!r}")
+        if model.cfg.reversible:
+            raise ValueError("the lean step runs the blocks one after the other, not as reversible streams; got "
+                             "reversible=True (decode such a model with its own forward)")
         self.model = model.eval()
         self.cache = None
         self._plan = None
@@ -61,33 +61,13 @@ class LeanDecoder:
                 if hasattr(block.attn, "step_function"):                # the kinds whose steps hold the buffers
                     layer.reserve(ctx, ("conv_inputs",) if "conv_inputs" in layer.state else ())
             B = idx.shape[0]
-            self._plan = [(_norm(block.ln1), self._attention_step(block, layer, B), _norm(block.ln2),
-                           self._ff_step(block, B)) for block, layer in zip(m.blocks, self.cache.layers)]
+            self._plan = [block.step_function(layer, B) for block, layer in zip(m.blocks, self.cache.layers)]
             self._final = _norm(m.ln_f)
             head = m.head
             self._head = (lambda h: F.linear(h, head.weight)) if type(head) is nn.Linear else head
             self._emb = m.tok_emb.weight, m.pos_emb.weight                  # (vocab, C), (context, C)
             self._batch = B
         return logits
-
-    @staticmethod
-    def _attention_step(block, layer, B):
-        make = getattr(block.attn, "step_function", None)
-        step = None if make is None else make(layer)
-        if step is not None:
-            return step
-        attn = block.attn                                          # the module, on the same cache
-
-        def module_step(h: torch.Tensor, P: int) -> torch.Tensor:
-            return attn(h.view(B, 1, -1), layer).view(B, -1)
-        return module_step
-
-    @staticmethod
-    def _ff_step(block, B):
-        ff = block.ff
-        if ff.has_sparse_decode and B > block.sparse_decode_max_rows:
-            return lambda h: ff(h)                                  # Block.feed_forward's rule: the masked forward
-        return ff.step_function(B)                                  # decode (forward itself for dense kinds)
 
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         """One new token per sequence, ``idx`` ``(B, 1)``, after the cache; returns the logits ``(B, 1, vocab)``."""
@@ -101,14 +81,12 @@ class LeanDecoder:
         if P >= cfg.context_length:
             raise ValueError(f"the cache holds context_length={cfg.context_length} positions: no room for "
                              f"another token (prefill the last ones again to slide the window)")
-        layer_norm = F.layer_norm
         with torch.inference_mode():
             tok, pos = self._emb
             x = tok[idx[:, 0]] + pos[P]                                      # (B, C)
-            for (s1, g1, b1, e1), attn_step, (s2, g2, b2, e2), ff_step in self._plan:
-                x = x + attn_step(layer_norm(x, s1, g1, b1, e1), P)
-                x = x + ff_step(layer_norm(x, s2, g2, b2, e2))
-            logits = self._head(layer_norm(x, *self._final))                # (B, vocab or padded)
+            for block_step in self._plan:
+                x = block_step(x, P)                                        # (B, C)
+            logits = self._head(F.layer_norm(x, *self._final))              # (B, vocab or padded)
         return logits[:, None, :cfg.vocab_size]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, clock=None) -> tuple[torch.Tensor, list]:

@@ -34,7 +34,7 @@ def eager_steps(model, prompt, tokens):
 KINDS = [dict(ff="dense"), dict(ff="sparse"), dict(ff="sparse", qkv="conv", qkv_modules=4),
          dict(ff="sparse", qkv="multiplicative", qkv_modules=4), dict(ff="moe"), dict(ff="pkm"),
          dict(ff="sparse", qkv="lsh"), dict(ff="sparse", ff_scale_by_prob=True, d_lowrank=4),
-         dict(ff="sparse", loss_modules=4)]
+         dict(ff="sparse", loss_modules=4), dict(ff="sparse", sru_dim=4)]
 
 
 @pytest.mark.parametrize("kinds", KINDS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
@@ -129,12 +129,14 @@ def test_misuse_is_refused_with_what_to_do():
         decoder.generate(torch.zeros(1, 30, dtype=torch.long), 5)
 
 
-@pytest.mark.parametrize("kw, field", [(dict(reversible=True), "reversible"), (dict(sru_dim=4), "sru_dim")])
-def test_unsupported_models_are_refused_by_name(kw, field):
-    with pytest.raises(ValueError, match=field):
-        LeanDecoder(tiny(**kw))
+def test_unsupported_models_are_refused_by_name():
+    with pytest.raises(ValueError, match="reversible"):
+        LeanDecoder(tiny(reversible=True))
     with pytest.raises(ValueError, match="TransformerLM"):
         LeanDecoder(torch.nn.Linear(2, 2))
+    block = tiny().blocks[0].train()
+    with pytest.raises(ValueError, match="eval"):
+        block.step_function(LayerCache(), 1)
 
 
 def test_reserve_grows_the_buffers_once_and_keeps_the_positions():
