@@ -432,6 +432,30 @@ def test_a_timed_block_step_writes_into_the_caches_buffers_without_regrowing_the
                     *(b.data_ptr() for b in step.cache.buffers())] == buffers
 
 
+@pytest.mark.parametrize("variant", ["dense", "sparse FF", "sparse QKV", "sparse FF + QKV"])
+def test_the_lean_block_step_computes_what_the_block_does_on_the_same_cache(variant):
+    """`bench block --step lean` times the block's bound step: the same output and the same cache state as the
+    block itself, on every call (the cache reset between calls), without regrowing the buffers."""
+    import torch
+
+    from sparse_tutorial.bench.block import _BlockStep, block_config
+
+    torch.manual_seed(0)
+    eager = _BlockStep(block_config("tiny", variant), cache_len=8)
+    torch.manual_seed(0)
+    lean = _BlockStep(block_config("tiny", variant), cache_len=8, step="lean")
+    with torch.inference_mode():
+        eager(), lean()                                          # each takes the next of its (same) inputs
+        buffers = [b.data_ptr() for b in lean.cache.buffers()]
+        for _ in range(3):
+            a, b = eager(), lean()
+            torch.testing.assert_close(b, a.view(1, -1), atol=1e-5, rtol=0)
+            torch.testing.assert_close(lean.cache.k, eager.cache.k, atol=1e-6, rtol=0)
+            assert [b.data_ptr() for b in lean.cache.buffers()] == buffers
+    with pytest.raises(ValueError, match="step"):
+        bench.block_decode("tiny", step="compiled")
+
+
 def test_train_times_every_training_path_it_is_given(capsys, tmp_path, monkeypatch):
     """`bench train --path fused pytorch`: the first path in the main columns, the other beside it, and the
     sparse models' layers really took those paths (the book's recipe: every call hard)."""

@@ -43,7 +43,7 @@ block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the g
 :mod:`.engines` (decoding in PyTorch and in ONNX Runtime), :mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.long` (long sequences: attention by length, decoding after a long prompt), :mod:`.targets` (the
 chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side), :mod:`.parts` (one block part by part, the convolution QKV's step by path); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
-from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, block_config, block_decode, paper_speedup
+from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, STEPS, block_config, block_decode, paper_speedup
 from .block import block_bytes, bytes_verdicts, main_rows
 from .block import bytes_table as block_bytes_table
 from .block import path_table as block_path_table
@@ -64,7 +64,7 @@ from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_ben
 
 __all__ = [
     "BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "MODEL_VARIANTS", "DEFAULT_CSV_DIR",
-    "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_kinds", "ff_sweep", "ff_rows", "block_config", "block_decode",
+    "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_kinds", "ff_sweep", "ff_rows", "block_config", "block_decode", "STEPS",
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
     "write_csv", "target_table", "LONG_VARIANTS", "attention_lengths", "long_config", "long_decode", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",

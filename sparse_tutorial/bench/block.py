@@ -14,7 +14,7 @@ from ..measure.timing import spread
 from .harness import check_choice, free_memory, interleaved, machine_columns, positive, recording
 from .paths import check_paths, sparse_ff_layers, use_path
 
-__all__ = ["BLOCK_SHAPES", "BLOCK_VARIANTS", "PAPER_BLOCK_MS", "paper_speedup", "block_config", "block_decode",
+__all__ = ["BLOCK_SHAPES", "BLOCK_VARIANTS", "STEPS", "PAPER_BLOCK_MS", "paper_speedup", "block_config", "block_decode",
            "main_rows", "path_table", "block_bytes", "bytes_table",
            "bytes_verdicts"]
 
@@ -66,15 +66,23 @@ def block_config(shape: str, variant: str) -> ModelConfig:
                        qkv_modules=s["qkv_modules"] if sparse_qkv else None)
 
 
-class _BlockStep:
-    """One block decoding one token against a cache of ``cache_len`` positions, the cache reset each call."""
+#: how a block's decoding step runs: ``eager`` calls the block (its modules, as the model's forward does),
+#: ``lean`` its bound step (:meth:`Block.step_function`, the lean decoder's)
+STEPS = ("eager", "lean")
 
-    def __init__(self, cfg: ModelConfig, cache_len: int, n_inputs: int = 8):
+
+class _BlockStep:
+    """One block decoding one token against a cache of ``cache_len`` positions, the cache reset each call;
+    ``step`` one of :data:`STEPS`."""
+
+    def __init__(self, cfg: ModelConfig, cache_len: int, n_inputs: int = 8, step: str = "eager"):
         self.block = Block(cfg).eval()
         with torch.inference_mode():                # fill the cache by prefilling random positions
             self.cache = LayerCache()
             self.block(torch.randn(1, cache_len, cfg.d_model), self.cache)
             self.block(torch.randn(1, 1, cfg.d_model), self.cache)    # one step, so the buffers have room
+            if step == "lean":                      # the lean step holds the buffers: they must not move
+                self.cache.reserve(cache_len + 1, tuple(n for n in ("conv_inputs",) if n in self.cache.state))
             # the state after that step: its per-position buffers (the convolution's inputs) have room too, as
             # in real decoding, where a buffer grows by doubling and a step rarely copies the history
             self.saved_state = dict(self.cache.state)
@@ -83,6 +91,10 @@ class _BlockStep:
         self.xs = torch.randn(n_inputs, 1, 1, cfg.d_model)              # (n_inputs, B=1, T=1, C)
         self.i = 0
         self.params = sum(p.numel() for p in self.block.parameters())
+        self.step = step
+        #: the decode path set last (:class:`_OnPath`), and the lean step bound for each path
+        self.path: str | None = None
+        self._lean: dict = {}
 
         self.has_sparse_ff = bool(sparse_ff_layers(self.block))
 
@@ -94,7 +106,12 @@ class _BlockStep:
     def __call__(self):
         self.reset_cache()
         self.i = (self.i + 1) % len(self.xs)
-        return self.block(self.xs[self.i], self.cache)
+        if self.step == "eager":
+            return self.block(self.xs[self.i], self.cache)
+        fn = self._lean.get(self.path)
+        if fn is None:                              # bound once per path (the warm-up calls), then reused
+            fn = self._lean[self.path] = self.block.step_function(self.cache, 1)
+        return fn(self.xs[self.i].view(1, -1), self.cache_len)
 
 
 class _OnPath:
@@ -102,13 +119,16 @@ class _OnPath:
 
     def __init__(self, step: _BlockStep, path: str):
         self.step, self.path = step, path
+        self.ff = sparse_ff_layers(step.block)[0]
         #: the path the block's sparse FF took in the last call
         self.taken: str | None = None
 
     def __call__(self):
-        use_path(self.step.block, self.path)
+        if self.step.path != self.path:             # walking the modules costs microseconds: only on a change
+            use_path(self.step.block, self.path)
+            self.step.path = self.path
         out = self.step()
-        self.taken = sparse_ff_layers(self.step.block)[0].last_decode_path
+        self.taken = self.ff.last_decode_path
         return out
 
 
@@ -122,7 +142,7 @@ def _timed_steps(step: _BlockStep, variant: str, paths: list[str]) -> dict[tuple
 def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARIANTS), *,
                  cache_len: int = 128, repeats: int | None = None, warmup: int = 2,
                  interleave_limit_gb: float = 1.0, progress: bool = True,
-                 paths: Sequence[str] | str | None = None) -> pd.DataFrame:
+                 paths: Sequence[str] | str | None = None, step: str = "eager") -> pd.DataFrame:
     """Time one block decoding one token (batch 1, a KV cache of ``cache_len`` positions) per variant.
 
     Weights are random (the cost does not depend on their values). When all variants together are under
@@ -132,8 +152,11 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
 
     ``paths``: the sparse FF decode paths timed (:mod:`.paths`; default the best available). A variant with a
     sparse FF gets one row per path (same block, timed in the same round-robin), the others one row, path None.
+    ``step``: ``"eager"`` calls the block as the model's forward does, ``"lean"`` its bound step
+    (:meth:`Block.step_function`), every variant alike (:data:`STEPS`; the ``step`` column says which).
     """
     paths = check_paths(paths)
+    check_choice("step", step, STEPS)
     check_choice("shape", shape, BLOCK_SHAPES)
     variants = list(variants)
     if not variants:
@@ -147,17 +170,17 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
     approx_gb = 4 * (4 * s["d_model"] ** 2 + 2 * s["d_model"] * s["d_ff_qkv"]) / 1e9 * len(variants)
     times, params, taken, samples = {}, {}, {}, {}
 
-    def timed_and_primes(v, step):
-        fns = _timed_steps(step, v, paths)
-        tiny = _BlockStep(block_config("tiny", v), 8)
+    def timed_and_primes(v, block_step):
+        fns = _timed_steps(block_step, v, paths)
+        tiny = _BlockStep(block_config("tiny", v), 8, step=step)
         return fns, {key: _OnPath(tiny, key[1]) if key[1] else tiny for key in fns}
 
     if approx_gb <= interleave_limit_gb:
         fns, primes = {}, {}
         for v in variants:
-            step = _BlockStep(block_config(shape, v), cache_len)
-            params[v] = step.params
-            f, p = timed_and_primes(v, step)
+            block_step = _BlockStep(block_config(shape, v), cache_len, step=step)
+            params[v] = block_step.params
+            f, p = timed_and_primes(v, block_step)
             fns.update(f)
             primes.update(p)
         with recording() as samples:
@@ -169,14 +192,14 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
     else:
         mode = "one variant at a time"
         for v in tqdm(variants, desc=f"block {shape}", disable=not progress):
-            step = _BlockStep(block_config(shape, v), cache_len)
-            params[v] = step.params
-            fns, primes = timed_and_primes(v, step)
+            block_step = _BlockStep(block_config(shape, v), cache_len, step=step)
+            params[v] = block_step.params
+            fns, primes = timed_and_primes(v, block_step)
             with recording() as rec:
                 times.update(interleaved(fns, repeats=repeats, warmup=warmup, cold_cache=True, primes=primes))
             samples.update(rec)
             taken.update({k: getattr(f, "taken", None) for k, f in fns.items()})
-            del step, fns, primes
+            del block_step, fns, primes
             free_memory()
     free_memory()
     base = times.get(("dense", None))
@@ -190,7 +213,7 @@ def block_decode(shape: str = "800m", variants: Sequence[str] = tuple(BLOCK_VARI
                "speed-up": base / seconds if base else float("nan"),
                "paper ms": paper.get(v, float("nan")),
                "paper speed-up": paper_speedup(shape, v),
-               "timing": mode, "cache_len": cache_len}
+               "timing": mode, "cache_len": cache_len, "step": step}
         rows.append({**row, **machine_columns()})
     return pd.DataFrame(rows)
 

@@ -14,7 +14,7 @@ import pandas as pd
 from ..config import pick
 from ..layers.registry import FF_KINDS
 from ..measure.timing import machine_info
-from .block import BLOCK_SHAPES, BLOCK_VARIANTS, block_decode
+from .block import BLOCK_SHAPES, BLOCK_VARIANTS, STEPS, block_decode
 from .engines import ENGINES, engine_generate
 from .ff import ff_kinds, ff_layer
 from .harness import DEFAULT_CSV_DIR, clock_name, num_threads, write_csv
@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", nargs="+", default=["800m"], choices=sorted(BLOCK_SHAPES))
     s.add_argument("--variants", nargs="+", default=list(BLOCK_VARIANTS), choices=list(BLOCK_VARIANTS))
     s.add_argument("--cache-len", type=int, default=128)
+    s.add_argument("--step", nargs="+", default=["eager"], choices=list(STEPS),
+                   help="'eager' calls the block's modules (as the model's forward does), 'lean' its bound step "
+                        "(Block.step_function, the lean decoder's); every variant alike; two steps time both, "
+                        "one after the other (default: eager)")
 
     s = sub.add_parser("generate", parents=[common, path], help="whole model: prefill and per-token decode")
     s.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 64 (fast: 1 8)")
@@ -157,7 +161,8 @@ def _run(args) -> pd.DataFrame:
         return pd.DataFrame(rows)
     if c == "block":
         return pd.concat([block_decode(s, args.variants, cache_len=args.cache_len, repeats=args.repeats,
-                                       progress=False, paths=args.paths) for s in args.shape], ignore_index=True)
+                                       progress=False, paths=args.paths, step=st)
+                          for s in args.shape for st in args.step], ignore_index=True)
     if c == "generate" and args.engine != ["pytorch"]:
         batches = args.batch_sizes or [1]
         if len(batches) != 1 or args.sparse_decode_max_rows is not None:
