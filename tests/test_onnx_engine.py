@@ -195,3 +195,26 @@ def test_engine_bench_times_the_pytorch_path_it_is_given():
     with pytest.raises(ValueError, match="path"):
         engine_generate(["dense"], engines=["pytorch"], d_model=64, n_layers=1, prompt_len=4, new_tokens=2,
                         context_length=16, repeats=1, warmup=0, progress=False, path="cuda")
+
+
+def test_a_steps_bytes_count_one_row_in_n_of_the_sparse_ff_and_the_tied_head_once():
+    from sparse_tutorial.bench.whole_model import model_config
+    dense = TransformerLM(model_config("dense", 64, 2, context_length=16))
+    sparse = TransformerLM(model_config("sparse FF", 64, 2, context_length=16, block_size=8))
+    assert bench.step_weight_bytes(dense) == 4 * dense.num_params()          # every weight once, tied head too
+    rows = sum(b.ff.w1.numel() + b.ff.w2.numel() for b in sparse.blocks)
+    assert bench.step_weight_bytes(sparse) == pytest.approx(4 * (sparse.num_params() - rows + rows / 8))
+
+
+def test_bytes_limits_put_each_variants_best_engine_against_what_its_bytes_allow():
+    df = pd.DataFrame([dict(variant=v, engine=e, batch=1, d_model=64, n_layers=2, context_length=16,
+                            prompt_len=6, new_tokens=3, **{"speed-up vs fastest dense": x})
+                       for v, e, x in [("dense", "pytorch", 0.8), ("dense", "lean", 1.0),
+                                       ("sparse FF", "pytorch", 1.2), ("sparse FF", "lean", 1.5)]])
+    t = bench.bytes_limits(df)
+    assert list(t.index) == ["dense", "sparse FF"] and t.loc["dense", "bytes x"] == 1.0
+    assert t.loc["sparse FF", "bytes x"] == pytest.approx(t.loc["dense", "MB read per step"]
+                                                          / t.loc["sparse FF", "MB read per step"])
+    assert t.loc["sparse FF", "bytes x"] > 1.5
+    assert (t.loc["sparse FF", "measured x"], t.loc["sparse FF", "best engine"]) == (1.5, "lean")
+    assert t.loc["sparse FF", "share of bytes limit"] == pytest.approx(1.5 / t.loc["sparse FF", "bytes x"])

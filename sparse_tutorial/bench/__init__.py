@@ -48,7 +48,7 @@ from .block import block_bytes, bytes_verdicts, main_rows
 from .block import bytes_table as block_bytes_table
 from .block import path_table as block_path_table
 from .cli import main
-from .engines import DEFAULT_ENGINES, ENGINES, bytes_floor, engine_generate
+from .engines import DEFAULT_ENGINES, ENGINES, bytes_floor, bytes_limits, engine_generate, step_weight_bytes
 from .ff import ff_kinds, ff_layer, ff_rows, ff_sweep
 from .ff import path_table as ff_path_table
 from .harness import DEFAULT_CSV_DIR, clock, clock_name, interleaved, num_threads, write_csv
@@ -68,5 +68,5 @@ __all__ = [
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
     "write_csv", "target_table", "LONG_VARIANTS", "attention_lengths", "long_config", "long_decode", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
-    "block_bytes", "block_bytes_table", "bytes_verdicts", "ENGINES", "DEFAULT_ENGINES", "engine_generate", "bytes_floor", "qkv_step",
+    "block_bytes", "block_bytes_table", "bytes_verdicts", "ENGINES", "DEFAULT_ENGINES", "engine_generate", "bytes_floor", "bytes_limits", "step_weight_bytes", "qkv_step",
 ]

@@ -16,9 +16,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .. import onnx_engine
+from ..layers.sparse_ff import SparseFF
 from ..lean_decode import LeanDecoder
 from ..measure.timing import spread
 from ..model import TransformerLM
@@ -26,7 +28,7 @@ from .harness import check_choice, check_counts, clock, free_memory, machine_col
 from .paths import check_paths, sparse_ff_layers, use_path
 from .whole_model import MODEL_VARIANTS, Generation, all_variants, build_model, model_config, time_generations
 
-__all__ = ["ENGINES", "DEFAULT_ENGINES", "engine_generate", "bytes_floor"]
+__all__ = ["ENGINES", "DEFAULT_ENGINES", "engine_generate", "bytes_floor", "step_weight_bytes", "bytes_limits"]
 
 #: the engines ``generate`` can time: eager PyTorch, its lean step (:class:`~sparse_tutorial.lean_decode.LeanDecoder`:
 #: the same kernels, the per-call Python done once), TorchScript graphs (``torch.jit.trace``), ONNX Runtime, and
@@ -180,3 +182,41 @@ def bytes_floor(df: pd.DataFrame, read_gbps: float) -> pd.DataFrame:
                      "MB read per step": (weights + kv) / 1e6, "floor µs": floor * 1e6,
                      "time / floor": r["decode µs per token"] / (floor * 1e6)})
     return pd.DataFrame(rows)
+
+
+def step_weight_bytes(model: nn.Module) -> float:
+    """Bytes of weights one decoding step reads: every parameter once (a tied one once), except the sparse FF's
+    ``W1`` and ``W2``, of which a token reads one row in ``N`` (the unit each block selects)."""
+    seen, total = set(), 0.0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            share = 1 / module.block_size if isinstance(module, SparseFF) and name in ("w1", "w2") else 1
+            total += p.numel() * p.element_size() * share
+    return total
+
+
+def bytes_limits(df: pd.DataFrame) -> pd.DataFrame:
+    """What each variant's bytes allow, from :func:`engine_generate`'s table: the MB a decoding step reads (the
+    weights, :func:`step_weight_bytes`, and the keys and values cached so far, their mean over the timed
+    steps), ``bytes x`` (the dense model's MB over the variant's: the speed-up a step that reads its bytes as
+    fast as the dense one would reach), the best ``measured x`` over the engines (against the fastest dense
+    model) and its ``share of bytes limit``. One row per variant."""
+    rows = []
+    for v, part in df.groupby("variant", sort=False):
+        r = part.iloc[0]
+        with torch.device("meta"):                                    # shapes only: nothing is allocated
+            model = TransformerLM(model_config(v, int(r["d_model"]), int(r["n_layers"]),
+                                               context_length=int(r["context_length"])))
+        cached = r["prompt_len"] + (r["new_tokens"] + 1) / 2          # mean positions read per timed step
+        kv = sum(4 * 2 * cached * b.attn.d_model * r["batch"] for b in model.blocks)
+        rows.append({"variant": v, "MB read per step": (step_weight_bytes(model) + kv) / 1e6,
+                     "measured x": float(part["speed-up vs fastest dense"].max()),
+                     "best engine": part.loc[part["speed-up vs fastest dense"].idxmax(), "engine"]})
+    out = pd.DataFrame(rows).set_index("variant")
+    out.insert(1, "bytes x", out.loc["dense", "MB read per step"] / out["MB read per step"]
+               if "dense" in out.index else float("nan"))
+    out["share of bytes limit"] = out["measured x"] / out["bytes x"]
+    return out
