@@ -73,20 +73,20 @@ class LeanDecoder:
         """One new token per sequence, ``idx`` ``(B, 1)``, after the cache; returns the logits ``(B, 1, vocab)``."""
         if self._plan is None:
             raise ValueError("call prefill(prompt) before step()")
-        cfg = self.model.cfg
-        P = self.cache.length
+        cfg, P = self.model.cfg, self.cache.length
         if idx.shape != (self._batch, 1):
-            raise ValueError(f"idx must be a (batch={self._batch}, 1) tensor of token ids, got shape "
-                             f"{tuple(idx.shape)}")
+            raise ValueError(f"idx must be a (batch={self._batch}, 1) tensor of "
+                             f"token ids, got shape {tuple(idx.shape)}")
         if P >= cfg.context_length:
-            raise ValueError(f"the cache holds context_length={cfg.context_length} positions: no room for "
-                             f"another token (prefill the last ones again to slide the window)")
+            raise ValueError(f"the cache holds context_length={cfg.context_length} "
+                             f"positions: no room for another token (prefill the "
+                             f"last ones again to slide the window)")
         with torch.inference_mode():
             tok, pos = self._emb
-            x = tok[idx[:, 0]] + pos[P]                                      # (B, C)
+            x = tok[idx[:, 0]] + pos[P]                      # (B, C)
             for block_step in self._plan:
-                x = block_step(x, P)                                        # (B, C)
-            logits = self._head(F.layer_norm(x, *self._final))              # (B, vocab or padded)
+                x = block_step(x, P)                         # (B, C)
+            logits = self._head(F.layer_norm(x, *self._final))  # (B, vocab or more)
         return logits[:, None, :cfg.vocab_size]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, clock=None) -> tuple[torch.Tensor, list]:

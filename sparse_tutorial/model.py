@@ -219,31 +219,27 @@ class Block(nn.Module):
         it, runs as a module on the same cache); the FF path follows :meth:`feed_forward`'s rule. The attention's
         step holds the cache's buffers: give the cache room first (:meth:`LayerCache.reserve`). Eval mode only."""
         if self.training:
-            raise ValueError("step_function is an inference path: call model.eval() first")
-        attn, ff = self.attn, self.ff
+            raise ValueError("step_function is an inference path: call eval() first")
+        attn, ff, sru = self.attn, self.ff, self.sru
         make = getattr(attn, "step_function", None)
         attn_step = None if make is None else make(cache)
-        if attn_step is None:                                        # the module, on the same cache
+        if attn_step is None:                           # the module, on the same cache
             def attn_step(h: torch.Tensor, P: int) -> torch.Tensor:
                 return attn(h.view(batch, 1, -1), cache).view(batch, -1)
         if ff.has_sparse_decode and batch > self.sparse_decode_max_rows:
-            ff_step = ff                                             # feed_forward's rule: the masked forward
+            ff_step = ff                                # the rule of feed_forward
         else:
-            ff_step = ff.step_function(batch)                        # decode (forward itself for dense kinds)
+            ff_step = ff.step_function(batch)           # decode (dense kinds: forward)
         n1 = self.ln1.normalized_shape, self.ln1.weight, self.ln1.bias, self.ln1.eps
         n2 = self.ln2.normalized_shape, self.ln2.weight, self.ln2.bias, self.ln2.eps
-        sru, layer_norm = self.sru, F.layer_norm
 
         def step(x: torch.Tensor, P: int) -> torch.Tensor:
-            x = x + attn_step(layer_norm(x, *n1), P)                 # (B, C)
-            return x + ff_step(layer_norm(x, *n2))                   # (B, C)
-        if sru is None:
-            return step
-
-        def step_with_sru(x: torch.Tensor, P: int) -> torch.Tensor:  # Terraformer's branch: its module call
-            x = x + attn_step(layer_norm(x, *n1), P)
-            return x + ff_step(layer_norm(x, *n2)) + sru(x.view(batch, 1, -1), cache.state).view(batch, -1)
-        return step_with_sru
+            x = x + attn_step(F.layer_norm(x, *n1), P)  # (B, C)
+            y = ff_step(F.layer_norm(x, *n2))           # (B, C)
+            if sru is not None:                         # Terraformer's branch, as a module
+                y = y + sru(x.view(batch, 1, -1), cache.state).view(batch, -1)
+            return x + y
+        return step
 
 
 class _Sublayer:

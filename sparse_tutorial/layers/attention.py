@@ -231,16 +231,17 @@ class CausalSelfAttention(nn.Module):
             return None
         wq, bq, wo, bo = self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias
         C, H = self.d_model, self.n_heads
-        k_buf, v_buf = cache.buffers()                                          # (B, H, capacity, hd)
+        k_buf, v_buf = cache.buffers()                  # (B, H, capacity, hd) each
 
         def step(h: torch.Tensor, P: int) -> torch.Tensor:
             B = h.shape[0]
-            qkv = F.linear(h, wq, bq).view(B, 3, H, 1, C // H)                  # Q, K, V of the new position
-            k_buf[:, :, P:P + 1].copy_(qkv[:, 1])
-            v_buf[:, :, P:P + 1].copy_(qkv[:, 2])
-            y = F.scaled_dot_product_attention(qkv[:, 0], k_buf[:, :, :P + 1], v_buf[:, :, :P + 1])  # (B, H, 1, hd)
+            qkv = F.linear(h, wq, bq).view(B, 3, H, 1, C // H)  # Q, K, V: (B, H, 1, hd)
+            k_buf[:, :, P:P + 1].copy_(qkv[:, 1])       # the new key and value,
+            v_buf[:, :, P:P + 1].copy_(qkv[:, 2])       # in place
+            y = F.scaled_dot_product_attention(         # (B, H, 1, hd)
+                qkv[:, 0], k_buf[:, :, :P + 1], v_buf[:, :, :P + 1])
             cache._length = P + 1
-            return F.linear(y.view(B, C), wo, bo)                               # (B, C)
+            return F.linear(y.view(B, C), wo, bo)       # (B, C)
         return step
 
     def extra_repr(self) -> str:
