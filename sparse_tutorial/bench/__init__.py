@@ -5,8 +5,10 @@
     python -m sparse_tutorial.bench ff --d-model 256 512 1024 2048 4096        # a width sweep, d_ff = 4 d_model
     python -m sparse_tutorial.bench ff --kind sparse moe pkm --d-model 512 2048  # every FF kind against dense
     python -m sparse_tutorial.bench block --shape 800m 17b
+    python -m sparse_tutorial.bench block --step eager lean                    # module calls against the lean step
     python -m sparse_tutorial.bench generate --batch-sizes 1 8 64
-    python -m sparse_tutorial.bench generate --engine pytorch onnxruntime        # the same models in ONNX Runtime
+    python -m sparse_tutorial.bench generate --engine pytorch lean onnxruntime   # the lean step, ONNX Runtime
+    python -m sparse_tutorial.bench generate --engine pytorch compile          # torch.compile (a C++ compiler)
     python -m sparse_tutorial.bench crossover                                  # where the gather path stops paying
     python -m sparse_tutorial.bench threads                                    # 1 thread against 2, with spreads
     python -m sparse_tutorial.bench parts --shape 17b                          # one block, part by part
@@ -40,7 +42,8 @@ Method, the same everywhere:
 
 Modules, by what they measure: :mod:`.machine` (bandwidth), :mod:`.ff` (one FF layer), :mod:`.block` (one
 block, the paper's four variants), :mod:`.whole_model` (prefill, decoding, the gather/masked crossover),
-:mod:`.engines` (decoding in PyTorch and in ONNX Runtime), :mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.long` (long sequences: attention by length, decoding after a long prompt), :mod:`.targets` (the
+:mod:`.engines` (decoding in eager PyTorch, its lean step, TorchScript, ONNX Runtime and ``torch.compile``; the
+bytes each variant's step reads), :mod:`.training` (a training step), :mod:`.int8` (int8 weights against sparsity), :mod:`.long` (long sequences: attention by length, decoding after a long prompt), :mod:`.targets` (the
 chapter's goals), :mod:`.paths` (the sparse FF's decode paths), :mod:`.threads` (thread counts side by side), :mod:`.parts` (one block part by part, the convolution QKV's step by path); :mod:`.harness` holds the timing machinery they share and :mod:`.cli` the command.
 """
 from .block import BLOCK_SHAPES, BLOCK_VARIANTS, PAPER_BLOCK_MS, STEPS, block_config, block_decode, paper_speedup
