@@ -288,7 +288,9 @@ def compile_decoder(model: TransformerLM, *, batch: int = 1, threads: int = 1) -
             m.decode_path = "pytorch"
     # Every compiled graph runs the same Python function (_Graph.forward), and Dynamo keeps at most
     # recompile_limit graphs per function before it silently runs the rest uncompiled: two per model here
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    dynamo = torch._dynamo.config                               # the name before PyTorch 2.6: cache_size_limit
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
     graphs = [torch.compile(_Graph(model, step=False), dynamic=True),
               torch.compile(_Graph(model, step=True), dynamic=True)]
     sessions = [_TracedSession(g, feeds, threads) for g, feeds in zip(graphs, (["idx"], ["idx", *names]))]
