@@ -4,31 +4,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from test_onnx_engine import pytorch_steps, tiny     # the same tiny models and eager reference as the ONNX tests
+
 from sparse_tutorial.bench.paths import sparse_ff_layers
 from sparse_tutorial.layers import sparse_ff_kernel
 from sparse_tutorial.layers.attention import LayerCache
 from sparse_tutorial.lean_decode import LeanDecoder
 from sparse_tutorial.measure.quantize import quantize_int8
-from sparse_tutorial.model import ModelConfig, TransformerLM
-
-
-def tiny(**kw):
-    base = dict(vocab_size=40, context_length=32, d_model=32, n_heads=2, n_layers=2, d_ff=128, ff_block_size=8)
-    base.update(kw)
-    torch.manual_seed(0)
-    return TransformerLM(ModelConfig(**base)).eval()
-
-
-def eager_steps(model, prompt, tokens):
-    """The model's last-position logits after the prompt and after each of ``tokens``' later positions."""
-    cache, out = model.new_cache(), []
-    with torch.inference_mode():
-        logits, _ = model(prompt, cache=cache)
-        out.append(logits[:, -1])
-        for i in range(prompt.shape[1], tokens.shape[1] - 1):
-            logits, _ = model(tokens[:, i:i + 1], cache=cache)
-            out.append(logits[:, -1])
-    return out
 
 
 KINDS = [dict(ff="dense"), dict(ff="sparse"), dict(ff="sparse", qkv="conv", qkv_modules=4),
@@ -43,10 +25,11 @@ def test_the_lean_step_decodes_as_the_models_own_forward(kinds, batch, prompt_le
     model = tiny(**kinds)
     prompt = torch.randint(0, 40, (batch, prompt_len))
     tokens, logits = LeanDecoder(model).generate(prompt, 20)
-    ref = eager_steps(model, prompt, tokens)
+    ref_tokens, ref = pytorch_steps(model, prompt, 20)                # the model's own cached forward, greedy
+    np.testing.assert_array_equal(tokens.numpy(), ref_tokens)
     assert tokens.shape == (batch, prompt_len + 20) and len(logits) == len(ref) == 20
     for step, (a, b) in enumerate(zip(logits, ref)):
-        np.testing.assert_allclose(a, b.numpy(), atol=1e-5, rtol=0, err_msg=f"step {step}")
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"step {step}")
     greedy = model.generate(prompt, 20, greedy=True)
     torch.testing.assert_close(tokens, greedy, rtol=0, atol=0)
 
@@ -64,8 +47,8 @@ def test_the_lean_step_agrees_for_random_shapes(d_model, n_heads, block, qkv, ba
             p.add_(torch.randn_like(p) * 0.3)
     prompt = torch.randint(0, 40, (batch, prompt_len))
     tokens, logits = LeanDecoder(model).generate(prompt, 10)
-    for a, b in zip(logits, eager_steps(model, prompt, tokens)):
-        np.testing.assert_allclose(a, b.numpy(), atol=1e-5, rtol=0)
+    for a, b in zip(logits, pytorch_steps(model, prompt, 10)[1]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not sparse_ff_kernel.available(), reason="the fused kernels need Numba")
@@ -87,8 +70,8 @@ def test_int8_layers_are_run_as_modules_and_agree():
     model = quantize_int8(tiny(ff="dense"))
     prompt = torch.randint(0, 40, (1, 4))
     tokens, logits = LeanDecoder(model).generate(prompt, 8)
-    for a, b in zip(logits, eager_steps(model, prompt, tokens)):
-        np.testing.assert_allclose(a, b.numpy(), atol=1e-5, rtol=0)
+    for a, b in zip(logits, pytorch_steps(model, prompt, 8)[1]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 def test_the_cache_is_the_models_own_and_can_go_on_in_eager_pytorch():

@@ -127,19 +127,20 @@ def engine_generate(variants: Sequence[str] = tuple(MODEL_VARIANTS), *, engines:
     graphs = {"torchscript": onnx_engine.trace_decoder, "onnxruntime": onnx_engine.export_decoder,
               "compile": onnx_engine.compile_decoder}
     for v, m in tqdm(models.items(), desc="export", disable=not progress or engines == ["pytorch"]):
-        if "pytorch" in engines:
-            runs[(v, "pytorch")] = Generation(m, prompt, new_tokens, path if sparse_ff_layers(m) else None)
-            errors[(v, "pytorch")] = 0.0
-        if "lean" in engines:
-            run = runs[(v, "lean")] = _LeanGeneration(m, prompt, new_tokens, path if sparse_ff_layers(m) else None)
+        own_path = path if sparse_ff_layers(m) else None
+        ref = None                                  # PyTorch's logits, for every other engine's check
+        for e in engines:
+            if e == "pytorch":
+                runs[(v, e)], errors[(v, e)] = Generation(m, prompt, new_tokens, own_path), 0.0
+                continue
+            if e == "lean":
+                run = _LeanGeneration(m, prompt, new_tokens, own_path)
+            else:
+                run = _GraphGeneration(graphs[e](m, batch=batch, threads=torch.get_num_threads()), prompt,
+                                       new_tokens)
+            runs[(v, e)] = run
             run()
-            ref = _pytorch_logits(m, prompt, new_tokens)
-            errors[(v, "lean")] = max(float(np.abs(a - b).max()) for a, b in zip(run.logits, ref))
-        for e in (e for e in engines if e in graphs):
-            decoder = graphs[e](m, batch=batch, threads=torch.get_num_threads())
-            run = runs[(v, e)] = _GraphGeneration(decoder, prompt, new_tokens)
-            run()
-            ref = _pytorch_logits(m, prompt, new_tokens)
+            ref = _pytorch_logits(m, prompt, new_tokens) if ref is None else ref
             errors[(v, e)] = max(float(np.abs(a - b).max()) for a, b in zip(run.logits, ref))
     time_generations(runs, repeats=repeats, warmup=warmup, desc="decode" if progress else None)
     med = {k: statistics.median(r.per_token) for k, r in runs.items()}
