@@ -205,12 +205,17 @@ def test_merged_inference_conv_equals_the_three_convolutions_and_follows_weight_
                 p.add_(0.1 * torch.randn_like(p))
 
 
+@pytest.mark.parametrize("products", [False, True], ids=["convolution", "matrix products"])
 @pytest.mark.parametrize("batch,d,S,lk", [(1, 48, 6, 3), (3, 48, 6, 3), (2, 40, 8, 2), (2, 36, 4, 4)])
-def test_merged_qkv_of_one_position_equals_the_three_convolutions(batch, d, S, lk):
+def test_merged_qkv_of_one_position_equals_the_three_convolutions(batch, d, S, lk, products):
     """A decoding step's merged convolution (one position and its left context) must give the three
-    convolutions' Q, K, V, contiguous, for every batch, module count and kernel length."""
+    convolutions' Q, K, V, contiguous, for every batch, module count and kernel length; so must its matrix
+    products, which wide layers take (the threshold lowered here to reach them at a small width)."""
     torch.manual_seed(0)
     attn = ConvQKVAttention(d, S, length_kernel=lk).eval()
+    attn.CONV_MATMUL_MIN_D_MODEL = d if products else d + 1
+    for conv in (attn.conv_q, attn.conv_k, attn.conv_v):         # biases are zero at init: make them count
+        torch.nn.init.normal_(conv.conv.bias)
     full = torch.randn(batch, d // S, lk, S)                     # one new position and its lk - 1 left neighbours
     with torch.no_grad():
         merged = attn.merged_qkv(full)
@@ -218,6 +223,59 @@ def test_merged_qkv_of_one_position_equals_the_three_convolutions(batch, d, S, l
     for a, b in zip(merged, separate):
         assert a.shape == (batch, S, 1, d // S) and a.is_contiguous()
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_wide_layers_take_the_matrix_products_for_one_position_only(monkeypatch):
+    """From CONV_MATMUL_MIN_D_MODEL up, one position takes _step_products; several positions (a prompt) and
+    narrower layers keep the convolution."""
+    calls = []
+    original = ConvQKVAttention._step_products
+    monkeypatch.setattr(ConvQKVAttention, "_step_products", lambda self, full: calls.append(full.shape)
+                        or original(self, full))
+    monkeypatch.setattr(ConvQKVAttention, "CONV_MATMUL_MIN_D_MODEL", 48)
+    wide, narrow = ConvQKVAttention(48, 6).eval(), ConvQKVAttention(40, 8).eval()
+    with torch.no_grad():
+        wide.merged_qkv(torch.randn(1, 8, 3, 6))
+        wide.merged_qkv(torch.randn(1, 8, 4, 6))                 # two positions: the convolution
+        narrow.merged_qkv(torch.randn(1, 5, 3, 8))
+    assert calls == [(1, 8, 3, 6)]
+
+
+def test_matrix_products_follow_weight_updates():
+    """The products' matrices are kept between calls; an in-place change of any convolution weight or bias
+    (an optimizer step, load_state_dict) must reach them."""
+    torch.manual_seed(0)
+    attn = ConvQKVAttention(48, 6).eval()
+    attn.CONV_MATMUL_MIN_D_MODEL = 0
+    full = torch.randn(2, 8, 3, 6)
+    for _ in range(3):
+        with torch.no_grad():
+            products = attn.merged_qkv(full)
+            separate = [conv(full).permute(0, 3, 2, 1) for conv in (attn.conv_q, attn.conv_k, attn.conv_v)]
+            for a, b in zip(products, separate):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            for conv in (attn.conv_q, attn.conv_k, attn.conv_v):
+                conv.conv.weight.add_(0.1 * torch.randn_like(conv.conv.weight))
+                conv.conv.bias.add_(0.1)
+
+
+def test_cached_decoding_through_the_matrix_products_equals_the_full_forward():
+    """A model whose convolution QKV decodes through the matrix products (PyTorch step, threshold lowered)
+    gives, token by token, the logits of the full forward."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=29, context_length=16, d_model=48, n_layers=2, n_heads=4, d_ff=96, qkv="conv",
+                      qkv_modules=6)
+    model = TransformerLM(cfg).eval()
+    for block in model.blocks:
+        block.attn.decode_path = "pytorch"
+        block.attn.CONV_MATMUL_MIN_D_MODEL = 0
+    idx = torch.randint(0, 29, (2, 9))
+    with torch.no_grad():
+        cache = model.new_cache()
+        first, _ = model(idx[:, :4], cache=cache)
+        steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 9)]
+        expected, _ = model(idx)
+    torch.testing.assert_close(torch.cat([first] + steps, dim=1), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["dense", "multiplicative", "conv"])

@@ -73,12 +73,15 @@ def _attention_parts(attn, x3: torch.Tensor, cache_len: int,
         S, M, lk = attn.n_modules, attn.d_module, attn.length_kernel
         H = S
         q = torch.randn(1, S, 1, M)
-        with torch.no_grad():
-            w, _ = attn._merged_conv()
+        with torch.no_grad():                                          # the weights the step reads
+            if d >= attn.CONV_MATMUL_MIN_D_MODEL:                      # three products: no zeros in V's
+                conv_numel = sum(w.numel() for w, _ in attn._step_matrices())
+            else:                                                      # the merged kernel
+                conv_numel = attn._merged_conv()[0].numel()
         full = torch.randn(1, M, lk, S)                                # one position and its left context
         parts = {"multiplicative layer": (lambda: attn.mult.forward_modules(x3),
                                           (attn.mult.D.numel() + attn.mult.E.numel()) * f32),
-                 "convolution": (lambda: attn.merged_qkv(full), w.numel() * f32)}
+                 "convolution": (lambda: attn.merged_qkv(full), conv_numel * f32)}
     else:                                   # another attention kind: the whole layer, no breakdown
         return {"attention (whole)": (lambda: attn(x3), sum(p.numel() for p in attn.parameters()) * f32)}
     hd = d // H
@@ -122,11 +125,14 @@ def block_parts(shape: str = "800m", variants=tuple(BLOCK_VARIANTS), *, cache_le
 
     for variant in variants:
         check_choice("variant", variant, BLOCK_VARIANTS)
-        with torch.inference_mode():
+        # built outside inference mode, as a model is: weights made under it keep no version counter, so the
+        # layers could not keep what they derive from them (the merged convolution) and would rebuild it per call
+        with torch.no_grad():
             step, parts = parts_of(shape, variant, cache_len)
             # each part's tiny twin runs after the cache flush, as the layer before it would in a model: the
             # code path is warm again, the measured part's weights are still cold (see harness.interleaved)
             twin, twins = parts_of("tiny", variant, 8)
+        with torch.inference_mode():
             t = interleaved({**{k: f for k, (f, _) in parts.items()}, WHOLE: step}, repeats=repeats,
                             warmup=warmup, cold_cache=True,
                             primes={**{k: f for k, (f, _) in twins.items()}, WHOLE: twin})

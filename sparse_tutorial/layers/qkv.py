@@ -190,6 +190,11 @@ class ConvQKVAttention(nn.Module):
     #: products run in BLAS: ``python -m sparse_tutorial.bench qkv`` (one thread, cold cache, 128 cached positions,
     #: a quiet 2-core Intel Xeon) gave 1.24x at d 384, 1.06x at d 1024 and 0.86x at d 2048.
     FUSED_MAX_D_MODEL = 1024
+    #: from this ``d_model`` up, a decoding step's convolution (one position) runs as matrix products
+    #: (:meth:`merged_qkv`), below it as oneDNN's convolution. One thread, cold cache, a quiet 2-core Intel Xeon,
+    #: the merged convolution against the products, µs: d 4096 (S 32) 392 vs 451, d 6144 (S 48) 468 vs 555,
+    #: d 8192 (S 64) 1208 vs 605, d 9216 (S 64, the 17B block) 1331 vs 669, d 12288 (S 96) 1316 vs 826.
+    CONV_MATMUL_MIN_D_MODEL = 8192
 
     def __init__(self, d_model: int, n_modules: int, length_kernel: int = 3, dropout: float = 0.0,
                  decode_path: str = "auto"):
@@ -247,17 +252,49 @@ class ConvQKVAttention(nn.Module):
         """Q, K, V ``(B, S, T, M)`` from the multiplicative outputs with their left context ``full``
         ``(B, M, lk - 1 + T, S)``, by the merged convolution (:meth:`_merged_conv`); no autograd needed.
 
-        A decoding step could also run this as one matrix product (each module's window against the ``3M``
-        filters). In a probe on one CPU that form was faster only at the widest layers and slower at middle
-        widths, where oneDNN's convolution picks a faster algorithm, so the convolution stays; no benchmark of
-        the package times the alternative.
+        One new position (``T = 1``, a decoding step) in a layer of at least :attr:`CONV_MATMUL_MIN_D_MODEL`
+        takes :meth:`_step_products` instead: the same sums as matrix products.
         """
-        w, b = self._merged_conv()                                         # (3M, M, lk, mk), (3M,)
         B, M, L, S = full.shape
         T = L - (self.length_kernel - 1)
+        if T == 1 and self.d_model >= self.CONV_MATMUL_MIN_D_MODEL:
+            return self._step_products(full)
+        w, b = self._merged_conv()                                         # (3M, M, lk, mk), (3M,)
         y = F.conv2d(full, w, b, padding=(0, w.shape[-1] // 2))            # (B, 3M, T, S)
         # (B, 3, M, T, S) -> (3, B, S, T, M): one copy makes Q, K and V contiguous
         return y.view(B, 3, M, T, S).permute(1, 0, 4, 3, 2).contiguous().unbind(0)
+
+    def _step_products(self, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`merged_qkv` of one position as three matrix products: ``(B, M, lk, S)`` -> Q, K, V ``(B, S, 1, M)``.
+
+        Each module's output is its window of the input (``M`` channels x ``lk`` positions x ``mk`` modules,
+        zero-padded at the edges) times the ``(M lk mk, M)`` matrix of a convolution's filters. Q and K read the
+        window of ``mk`` modules; V, whose kernel spans one module, reads only its own module's ``M x lk``
+        numbers, so none of the merged kernel's zeros are multiplied. At the widest layers BLAS runs these
+        products faster than oneDNN runs the convolution (:attr:`CONV_MATMUL_MIN_D_MODEL`).
+        """
+        (wq, bq), (wk, bk), (wv, bv) = self._step_matrices()
+        B, M, lk, S = full.shape
+        half = self.conv_q.conv.weight.shape[-1] // 2
+        padded = F.pad(full, (half, half))                                 # (B, M, lk, S + 2 half)
+        # (B, M, lk, S, mk) -> (B, S, M, lk, mk) -> (B S, M lk mk): each module's window, one copy
+        windows = padded.unfold(3, 2 * half + 1, 1).permute(0, 3, 1, 2, 4).reshape(B * S, -1)
+        own = full.permute(0, 3, 1, 2).reshape(B * S, M * lk)              # (B S, M lk): V's window
+        return tuple(torch.addmm(b, cols, w).view(B, S, 1, M)
+                     for cols, w, b in ((windows, wq, bq), (windows, wk, bk), (own, wv, bv)))
+
+    def _step_matrices(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Each convolution's filters as a ``(M lk mk, M)`` matrix with its bias, for :meth:`_step_products`:
+        made again when :meth:`_merged_conv` is (a weight changed)."""
+        w, _ = self._merged_conv()
+        cached = self.__dict__.get("_step_mats")
+        if cached is None or cached[0] is not w:
+            mats = tuple((c.conv.weight.detach().reshape(self.d_module, -1).t().contiguous(), c.conv.bias.detach())
+                         for c in (self.conv_q, self.conv_k, self.conv_v))
+            cached = (w, mats)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_step_mats"] = cached
+        return cached[1]
 
     def _merged_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The Q, K and V convolutions as one: weight ``(3M, M, lk, mk)`` (V's ``lk x 1`` kernel zero-padded to
