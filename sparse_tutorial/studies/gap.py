@@ -207,11 +207,12 @@ def run_study(grid: str, steps: list[int], seeds: list[int], out: str | os.PathL
         tc = book_train_config(steps=n, seed=seed, **lever.train)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
+        desc = f"{lever.name}, seed {seed}, {n} steps"                 # a bar per run: one takes minutes
         if lever.convert_at is None:
             model = TransformerLM(cfg)
-            history = train_lm(model, data, tc, progress=False)
+            history = train_lm(model, data, tc, progress=progress, desc=desc)
         else:
-            model, history = _converted_run(lever, n, seed, data)
+            model, history = _converted_run(lever, n, seed, data, progress=progress, desc=desc)
         last = history.iloc[-1]
         train_overrides = lever.train if lever.convert_at is None else {**lever.train,
                                                                         "convert_at": round(lever.convert_at, 3)}
@@ -224,17 +225,19 @@ def run_study(grid: str, steps: list[int], seeds: list[int], out: str | os.PathL
     return read_study(out)[0]
 
 
-def _converted_run(lever: Lever, steps: int, seed: int, data) -> tuple[TransformerLM, pd.DataFrame]:
+def _converted_run(lever: Lever, steps: int, seed: int, data, *, progress: bool = False,
+                   desc: str = "") -> tuple[TransformerLM, pd.DataFrame]:
     """Lever 7: ``convert_at * steps`` dense steps, the conversion, then the rest as the sparse model."""
     n_dense = max(1, min(steps - 1, round(steps * lever.convert_at)))
     torch.manual_seed(seed)
     dense = TransformerLM(book_config("dense", vocab_size=len(data.vocab)))
-    train_lm(dense, data, book_train_config(steps=n_dense, seed=seed), progress=False)
+    train_lm(dense, data, book_train_config(steps=n_dense, seed=seed), progress=progress,
+             desc=f"{desc}: dense part")
     block = lever.model.get("ff_block_size", book_config().ff_block_size)
     overrides = {k: v for k, v in lever.model.items() if k != "ff_block_size"}
     model = convert.dense_to_sparse(dense, data, block, **overrides)
     history = train_lm(model, data, book_train_config(steps=steps - n_dense, seed=seed, **lever.train),
-                       progress=False)
+                       progress=progress, desc=f"{desc}: sparse part")
     return model, history
 
 
