@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import positive_int, probability
+from . import matvec_kernel
+from .base import PathSetting
 
 __all__ = ["LayerCache", "cached_attention", "check_attention_input", "CausalSelfAttention"]
 
@@ -201,6 +203,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = probability("dropout", dropout)
         self.resid_dropout = nn.Dropout(self.dropout)
+        #: which products the last :meth:`step_function` bound: "fused" or "pytorch" (None before the first)
+        self.last_decode_path: str | None = None
+
+    decode_path = PathSetting(
+        """How the lean step (:meth:`step_function`) runs its two projections: ``"auto"`` (by
+        :mod:`.matvec_kernel` where :func:`~.matvec_kernel.applies` finds nothing against it, else
+        ``F.linear``), ``"pytorch"`` or ``"fused"`` (a ValueError saying why when the kernel does not apply);
+        see :data:`~.base.DECODE_PATHS`. The module's own calls always use ``F.linear``.""")
 
     def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
         """Q, K, V for the new tokens, each ``(B, H, T, hd)``."""
@@ -229,20 +239,36 @@ class CausalSelfAttention(nn.Module):
         not plain ``nn.Linear`` layers (int8 ones): then the caller runs the module."""
         if type(self.qkv) is not nn.Linear or type(self.proj) is not nn.Linear:
             return None
-        wq, bq, wo, bo = self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias
         C, H = self.d_model, self.n_heads
         k_buf, v_buf = cache.buffers()                  # (B, H, capacity, hd) each
+        in_proj, out_proj = self._projections(k_buf.shape[0])
 
         def step(h: torch.Tensor, P: int) -> torch.Tensor:
             B = h.shape[0]
-            qkv = F.linear(h, wq, bq).view(B, 3, H, 1, C // H)  # Q, K, V: (B, H, 1, hd)
+            qkv = in_proj(h).view(B, 3, H, 1, C // H)   # Q, K, V: (B, H, 1, hd)
             k_buf[:, :, P:P + 1].copy_(qkv[:, 1])       # the new key and value,
             v_buf[:, :, P:P + 1].copy_(qkv[:, 2])       # in place
             y = F.scaled_dot_product_attention(         # (B, H, 1, hd)
                 qkv[:, 0], k_buf[:, :, :P + 1], v_buf[:, :, :P + 1])
             cache._length = P + 1
-            return F.linear(y.view(B, C), wo, bo)       # (B, C)
+            return out_proj(y.view(B, C))               # (B, C)
         return step
+
+    def _projections(self, rows: int):
+        """The lean step's two products, ``(B, C) -> (B, 3C)`` and ``(B, C) -> (B, C)``, per :attr:`decode_path`."""
+        wq, bq, wo, bo = self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias
+        why_not = matvec_kernel.applies(rows, wq, wo, path=self.decode_path)
+        if why_not is None:
+            try:
+                pair = matvec_kernel.bind(wq, bq), matvec_kernel.bind(wo, bo)
+                self.__dict__["last_decode_path"] = "fused"
+                return pair
+            except matvec_kernel.sparse_ff_kernel.KernelUnavailable as e:   # no compiler here
+                why_not = str(e)
+        if self.decode_path == "fused":
+            raise ValueError(f"decode_path='fused' does not apply to this step: {why_not}")
+        self.__dict__["last_decode_path"] = "pytorch"
+        return (lambda h: F.linear(h, wq, bq)), (lambda y: F.linear(y, wo, bo))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}"

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import last_dim, positive_int, probability
-from .base import FeedForward
+from . import matvec_kernel
+from .base import FeedForward, PathSetting
 
 __all__ = ["DenseFF"]
 
@@ -25,6 +26,8 @@ class DenseFF(FeedForward):
         self.w1 = nn.Linear(d_model, d_ff)  # weight (d_ff, d_model)
         self.w2 = nn.Linear(d_ff, d_model)  # weight (d_model, d_ff)
         self.dropout = nn.Dropout(probability("dropout", dropout))
+        #: which product the last :meth:`step_function` bound: "fused" or "pytorch" (None before the first)
+        self.last_decode_path: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last_dim("x", x, self.d_model)
@@ -32,12 +35,31 @@ class DenseFF(FeedForward):
 
     # decode: the interface's default, forward itself (a dense layer has no cheaper path)
 
+    decode_path = PathSetting(
+        """How the lean step (:meth:`step_function`) computes: ``"auto"`` (the two products by
+        :mod:`.matvec_kernel` where :func:`~.matvec_kernel.applies` finds nothing against it, else
+        ``F.linear``), ``"pytorch"`` or ``"fused"`` (a ValueError saying why when the kernel does not apply);
+        see :data:`~.base.DECODE_PATHS`. Training and the eager forward always use ``F.linear``.""")
+
     def step_function(self, rows: int = 1):
-        """:meth:`forward` on ``(B, d_model)`` with the weights looked up once (no dropout: inference); the
-        module's own calls for layers that are not plain ``nn.Linear`` (int8 ones)."""
+        """:meth:`forward` on ``(B, d_model)`` with the weights looked up once (no dropout: inference): the
+        matrix-vector kernel of :mod:`.matvec_kernel` per :attr:`decode_path`, the ReLU fused into the first
+        product; ``F.linear`` otherwise; the module's own calls for layers that are not plain ``nn.Linear``
+        (int8 ones). :attr:`last_decode_path` says which was bound."""
         if type(self.w1) is not nn.Linear or type(self.w2) is not nn.Linear:
             return self.decode
         w1, b1, w2, b2 = self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias
+        why_not = matvec_kernel.applies(rows, w1, w2, path=self.decode_path)
+        if why_not is None:
+            try:
+                first, second = matvec_kernel.bind(w1, b1, relu=True), matvec_kernel.bind(w2, b2)
+                self.__dict__["last_decode_path"] = "fused"
+                return lambda x: second(first(x))                      # (B, d_ff) -> (B, d_model)
+            except matvec_kernel.sparse_ff_kernel.KernelUnavailable as e:   # no compiler here
+                why_not = str(e)
+        if self.decode_path == "fused":
+            raise ValueError(f"decode_path='fused' does not apply to this step: {why_not}")
+        self.__dict__["last_decode_path"] = "pytorch"
         return lambda x: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)  # (B, d_model)
 
     def active_params_per_token(self) -> int:

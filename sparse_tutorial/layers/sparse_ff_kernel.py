@@ -500,17 +500,20 @@ def run(x: np.ndarray, weights: tuple, block_size: int, scale_by_prob: bool = Fa
     return out, chosen
 
 
-def _call(n: int, name: str, args: tuple) -> None:
-    """Run the one-thread compilation of kernel ``name`` (``n == 1``) or the threaded one on ``n`` threads;
-    a compiler that fails on this machine is recorded and raised as :class:`KernelUnavailable`."""
+def _call(n: int, name: str, args: tuple, kernels: dict | None = None) -> None:
+    """Run the one-thread compilation of kernel ``name`` (``n == 1``) or the threaded one on ``n`` threads,
+    looked up as ``name + "_serial"`` or ``name + "_parallel"`` in ``kernels`` (default: this module's; the
+    other kernel modules pass their own ``globals()``); a compiler that fails on this machine is recorded and
+    raised as :class:`KernelUnavailable`."""
+    kernels = globals() if kernels is None else kernels
     try:
         if n == 1:
-            globals()[name + "_serial"](*args)
+            kernels[name + "_serial"](*args)
             return
         torch_threads = torch.get_num_threads()
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
-        globals()[name + "_parallel"](*args)
+        kernels[name + "_parallel"](*args)
         if torch.get_num_threads() != torch_threads:
             # Numba's OpenMP pool, started by its first threaded call, sets the OpenMP thread count of the
             # process, which is also PyTorch's: put PyTorch's back

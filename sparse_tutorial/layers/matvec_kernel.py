@@ -1,0 +1,116 @@
+"""A fused matrix-vector product for the dense layers' decoding step (chapter 5), written with Numba.
+
+At batch 1 a dense layer's decoding step is a matrix-vector product: every weight is read once and used for one
+multiply-add, so the step can run no faster than the memory streams the weights. ``F.linear`` hands it to the
+BLAS library PyTorch was built with, whose matrix-vector product is tuned for some processors more than others:
+on the AMD EPYC that chapter 5 was last measured on it streamed a seed-size model's weights at about 10 GB/s,
+where the machine reads about 26 GB/s. :func:`bind` gives the product written out, one row of the weight at a
+time, with its dot product in vector lanes (``fastmath={"reassoc"}``, the additions regrouped as BLAS does; no
+other approximation), rows shared between threads when the matrix is large enough
+(:data:`~.sparse_ff_kernel.PARALLEL_MIN_BYTES`), and, for the FF's first product, the ReLU applied as each output
+is written.
+
+The dense kinds' lean steps (:meth:`DenseFF.step_function <sparse_tutorial.layers.dense.DenseFF.step_function>`
+and :meth:`CausalSelfAttention.step_function <sparse_tutorial.layers.attention.CausalSelfAttention.step_function>`)
+use it where it applies (their ``decode_path``), so the dense baseline gets the same kind of help as the sparse
+layers' fused kernels and the ratios stay honest. It needs Numba, float32 on the CPU and no autograd; anything
+else takes ``F.linear``, which is also the reference the tests hold it to (within float rounding).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import sparse_ff_kernel
+
+try:                                        # optional: without Numba the layers keep F.linear
+    from numba import njit, prange
+except ImportError:                         # pragma: no cover - exercised by monkeypatching in the tests
+    njit = None
+
+__all__ = ["available", "unavailable_reason", "applies", "bind", "MAX_ROWS", "MIN_BYTES",
+           "KERNEL_SOURCE_FUNCTIONS"]
+
+available = sparse_ff_kernel.available
+unavailable_reason = sparse_ff_kernel.unavailable_reason
+
+
+def _matvec(w, b, x, relu, out):
+    """``out[t, j] = b[j] + w[j] . x[t]`` for the ``B`` rows of ``x`` (B, d), ``w`` (R, d), ``b`` (R,); with
+    ``relu`` each output is clipped at zero as it is written. The rows of ``w`` are shared out between the
+    threads (``prange``); each row is read once for all ``B`` tokens."""
+    R, d = w.shape
+    B = x.shape[0]
+    for j in prange(R):
+        for t in range(B):
+            acc = np.float32(0.0)
+            for i in range(d):          # the one loop whose additions may be regrouped into vector lanes
+                acc += w[j, i] * x[t, i]
+            y = acc + b[j]
+            out[t, j] = y if not relu or y > 0 else np.float32(0.0)
+
+
+#: the function chapter 5 prints with ``inspect.getsource``
+KERNEL_SOURCE_FUNCTIONS = (_matvec,)
+
+if njit is not None:
+    _matvec_serial = njit(fastmath={"reassoc"}, cache=True)(sparse_ff_kernel._renamed(_matvec, "_matvec_serial"))
+    _matvec_parallel = njit(parallel=True, fastmath={"reassoc"}, cache=True)(_matvec)
+
+
+#: the lean steps take the kernel for up to this many tokens a call (one per sequence); more rows are a
+#: matrix-matrix product, which BLAS blocks for the caches and the kernel does not
+MAX_ROWS = 8
+
+#: ``"auto"`` takes the kernel for weights of at least this many bytes. The kernel wins where the weights stream
+#: from memory, as a model's do when they do not fit the processor's caches; a small matrix stays in the caches
+#: from one token to the next, and there BLAS's product is the faster one (one thread, warm, on the AMD EPYC of
+#: chapter 5's last run, µs, F.linear against the kernel: 48 x 192 5.1 / 6.2, 384 x 1536 70.5 / 90.4; cold,
+#: the seed-size model's 24 matrices in turn: 4494 / 2200)
+MIN_BYTES = 1 << 19
+
+
+def applies(rows: int, *weights: torch.Tensor, path: str = "auto") -> str | None:
+    """Why a lean step of ``rows`` tokens cannot take the kernel for these weights (None when it can): it
+    needs Numba, float32 on the CPU, at most :data:`MAX_ROWS` rows, no autograd recording and, on ``path``
+    ``"auto"``, weights of at least :data:`MIN_BYTES` each; on ``"pytorch"`` it never applies."""
+    if path == "pytorch":
+        return "decode_path='pytorch'"
+    if not available():
+        return unavailable_reason()
+    for w in weights:
+        if w.dtype != torch.float32 or not w.is_cpu:
+            return f"the kernel is compiled for float32 on the CPU, got a weight of {w.dtype} on {w.device}"
+    if rows > MAX_ROWS:
+        return f"{rows} rows a call is above MAX_ROWS={MAX_ROWS} (a matrix product, BLAS's work)"
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return "autograd is recording and the kernel has no backward (use torch.no_grad or inference mode)"
+    small = min(w.numel() * w.element_size() for w in weights)
+    if path == "auto" and small < MIN_BYTES:
+        return f"a weight of {small} bytes is below MIN_BYTES={MIN_BYTES}: it stays in the caches, where BLAS wins"
+    return None
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous NumPy view of ``t`` (a copy only when ``t`` is not contiguous)."""
+    a = t.detach().numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def bind(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False):
+    """``f(x)``: ``F.linear(x, weight, bias)`` (then the ReLU, with ``relu``) of a ``(B, d)`` float32 input by
+    the kernel, with the weight's NumPy view and the thread count worked out once: what a lean step holds. The
+    view reads the weight as it is at each call (a non-contiguous weight is copied here, once); the caller has
+    checked :func:`applies`. Raises :class:`~.sparse_ff_kernel.KernelUnavailable` here, not in a later step,
+    when the kernel fails to compile on this machine."""
+    w = _array(weight)                                                  # (R, d)
+    b = _array(bias) if bias is not None else np.zeros(w.shape[0], dtype=np.float32)
+    n = sparse_ff_kernel.kernel_threads(w.nbytes)
+    call, kernels = sparse_ff_kernel._call, globals()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)     # (B, R)
+        call(n, "_matvec", (w, b, _array(x), relu, out), kernels)
+        return torch.from_numpy(out)
+    f(torch.zeros(1, w.shape[1]))       # compiled (or loaded from Numba's cache) now, not in the first step
+    return f
