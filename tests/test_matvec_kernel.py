@@ -28,7 +28,7 @@ def test_the_kernel_is_the_product_within_a_float32_sums_rounding(rows, d, batch
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn(rows, d, generator=g), torch.randn(rows, generator=g) if bias else None
     x = torch.randn(batch, 2 * d, generator=g)[:, ::2] if strided else torch.randn(batch, d, generator=g)
-    assert x.is_contiguous() == (not strided or d == 1)
+    assert x.is_contiguous() or strided
     with torch.no_grad():
         y = matvec_kernel.bind(w, b, relu=relu)(x)                                # (batch, rows)
     exact = x.double() @ w.double().t() + (b.double() if bias else 0)
@@ -74,9 +74,12 @@ def test_auto_leaves_small_weights_many_rows_and_autograd_to_f_linear():
         ff.step_function(matvec_kernel.MAX_ROWS + 1)                # a prompt: BLAS's matrix product
     assert ff.last_decode_path == "pytorch"
     small = DenseFF(32, 128).eval()                                 # 16 KB: stays in the caches
+    long_rows = DenseFF(32, matvec_kernel.MAX_ROW + 32).eval()      # W2's rows: longer than MAX_ROW
     with torch.inference_mode():
+        assert "MAX_ROW" in matvec_kernel.applies(1, long_rows.w1.weight, long_rows.w2.weight)
         small.step_function(1)
-    assert small.last_decode_path == "pytorch"
+        long_rows.step_function(1)
+    assert small.last_decode_path == long_rows.last_decode_path == "pytorch"
     ff.step_function(1)                                             # autograd recording: no kernel
     assert ff.last_decode_path == "pytorch"
     ff.decode_path = "fused"

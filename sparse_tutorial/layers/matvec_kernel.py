@@ -12,7 +12,7 @@ is written.
 
 The dense kinds' lean steps (:meth:`DenseFF.step_function <sparse_tutorial.layers.dense.DenseFF.step_function>`
 and :meth:`CausalSelfAttention.step_function <sparse_tutorial.layers.attention.CausalSelfAttention.step_function>`)
-use it where it applies (their ``decode_path``), so the dense baseline gets the same kind of help as the sparse
+use it where it applies (their ``decode_path``; :func:`applies` says where it wins), so the dense baseline gets the same kind of help as the sparse
 layers' fused kernels and the ratios stay honest. It needs Numba, float32 on the CPU and no autograd; anything
 else takes ``F.linear``, which is also the reference the tests hold it to (within float rounding).
 """
@@ -28,7 +28,7 @@ try:                                        # optional: without Numba the layers
 except ImportError:                         # pragma: no cover - exercised by monkeypatching in the tests
     njit = None
 
-__all__ = ["available", "unavailable_reason", "applies", "bind", "MAX_ROWS", "MIN_BYTES",
+__all__ = ["available", "unavailable_reason", "applies", "bind", "MAX_ROWS", "MIN_BYTES", "MAX_ROW",
            "KERNEL_SOURCE_FUNCTIONS"]
 
 available = sparse_ff_kernel.available
@@ -69,11 +69,18 @@ MAX_ROWS = 8
 #: the seed-size model's 24 matrices in turn: 4494 / 2200)
 MIN_BYTES = 1 << 19
 
+#: ``"auto"`` takes the kernel for rows of at most this many weights (``in_features``). It reads one row at a
+#: time; on long rows BLAS's product, which reads several at once, streams faster (one thread, cold, on the same
+#: machine, GB/s, F.linear against the kernel, ``out x in``: 4096 x 1024 17.2 / 39.0, 1024 x 4096 21.2 / 25.3,
+#: 1024 x 8192 23.3 / 16.4, 512 x 16384 22.6 / 15.9)
+MAX_ROW = 4096
+
 
 def applies(rows: int, *weights: torch.Tensor, path: str = "auto") -> str | None:
     """Why a lean step of ``rows`` tokens cannot take the kernel for these weights (None when it can): it
     needs Numba, float32 on the CPU, at most :data:`MAX_ROWS` rows, no autograd recording and, on ``path``
-    ``"auto"``, weights of at least :data:`MIN_BYTES` each; on ``"pytorch"`` it never applies."""
+    ``"auto"``, weights of at least :data:`MIN_BYTES` each with rows of at most :data:`MAX_ROW` weights; on
+    ``"pytorch"`` it never applies."""
     if path == "pytorch":
         return "decode_path='pytorch'"
     if not available():
@@ -85,9 +92,13 @@ def applies(rows: int, *weights: torch.Tensor, path: str = "auto") -> str | None
         return f"{rows} rows a call is above MAX_ROWS={MAX_ROWS} (a matrix product, BLAS's work)"
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         return "autograd is recording and the kernel has no backward (use torch.no_grad or inference mode)"
-    small = min(w.numel() * w.element_size() for w in weights)
-    if path == "auto" and small < MIN_BYTES:
-        return f"a weight of {small} bytes is below MIN_BYTES={MIN_BYTES}: it stays in the caches, where BLAS wins"
+    if path == "auto":
+        small = min(w.numel() * w.element_size() for w in weights)
+        if small < MIN_BYTES:
+            return f"a weight of {small} bytes is below MIN_BYTES={MIN_BYTES}: it stays in the caches, where BLAS wins"
+        longest = max(w.shape[-1] for w in weights)
+        if longest > MAX_ROW:
+            return f"rows of {longest} weights are above MAX_ROW={MAX_ROW}: BLAS streams long rows faster"
     return None
 
 
