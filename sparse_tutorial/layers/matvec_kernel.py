@@ -12,9 +12,10 @@ is written.
 
 The dense kinds' lean steps (:meth:`DenseFF.step_function <sparse_tutorial.layers.dense.DenseFF.step_function>`
 and :meth:`CausalSelfAttention.step_function <sparse_tutorial.layers.attention.CausalSelfAttention.step_function>`)
-use it where it applies (their ``decode_path``; :func:`applies` says where it wins), so the dense baseline gets the same kind of help as the sparse
-layers' fused kernels and the ratios stay honest. It needs Numba, float32 on the CPU and no autograd; anything
-else takes ``F.linear``, which is also the reference the tests hold it to (within float rounding).
+use it where it applies (their ``decode_path``; :func:`applies` says where it was measured to win), so the
+dense baseline gets the same kind of help as the sparse layers' fused kernels and the ratios stay honest. It
+needs Numba, float32 on the CPU and no autograd; anything else takes ``F.linear``, which is also the reference
+the tests hold it to (within float rounding).
 """
 from __future__ import annotations
 
