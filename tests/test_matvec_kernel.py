@@ -53,13 +53,27 @@ def wide_ff(d=256, d_ff=1024):
     return ff
 
 
+def count_kernel_calls(monkeypatch) -> list:
+    """Every call of the compiled kernel from here on, recorded (the products :func:`bind` gives make them)."""
+    calls, call = [], matvec_kernel.sparse_ff_kernel._call
+
+    def spy(n, name, args, kernels=None):
+        calls.append(name)
+        return call(n, name, args, kernels)
+    monkeypatch.setattr(matvec_kernel.sparse_ff_kernel, "_call", spy)
+    return calls
+
+
 @needs_numba
 @pytest.mark.parametrize("batch", [1, 3, matvec_kernel.MAX_ROWS])
-def test_the_dense_ff_step_takes_the_kernel_and_equals_the_forward(batch):
+def test_the_dense_ff_step_takes_the_kernel_and_equals_the_forward(batch, monkeypatch):
     ff, x = wide_ff(), torch.randn(batch, 256)
+    calls = count_kernel_calls(monkeypatch)
     with torch.inference_mode():
-        fused = ff.step_function(batch)(x)
-        assert ff.last_decode_path == "fused"
+        step = ff.step_function(batch)
+        bound = len(calls)                                          # each product compiled once at binding
+        fused = step(x)
+        assert ff.last_decode_path == "fused" and calls[bound:] == ["_matvec", "_matvec"]
         ff.decode_path = "pytorch"
         reference = ff.step_function(batch)(x)
         assert ff.last_decode_path == "pytorch"
@@ -108,7 +122,8 @@ def test_without_numba_the_steps_fall_back_to_f_linear(monkeypatch):
 
 
 @needs_numba
-def test_the_attention_step_takes_the_kernel_and_equals_the_module():
+def test_the_attention_step_takes_the_kernel_and_equals_the_module(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
     torch.manual_seed(0)
     attn = CausalSelfAttention(384, 6).eval()                       # the seed model's: 1.7 MB and 0.6 MB
     x = torch.randn(2, 7, 384)
@@ -122,7 +137,9 @@ def test_the_attention_step_takes_the_kernel_and_equals_the_module():
         out = []
         for t in range(4, 7):
             ref.append(attn(x[:, t:t + 1], ref_cache)[:, 0])
+            bound = len(calls)
             out.append(step(x[:, t], t))
+            assert calls[bound:] == ["_matvec", "_matvec"]          # the two projections, by the kernel
     for a, b in zip(out, ref[1:]):
         torch.testing.assert_close(a, b, **TOL)
     torch.testing.assert_close(step_cache.k[:, :, :7], ref_cache.k, **TOL)

@@ -209,8 +209,9 @@ class CausalSelfAttention(nn.Module):
     decode_path = PathSetting(
         """How the lean step (:meth:`step_function`) runs its two projections: ``"auto"`` (by
         :mod:`.matvec_kernel` where :func:`~.matvec_kernel.applies` finds nothing against it, else
-        ``F.linear``), ``"pytorch"`` or ``"fused"`` (a ValueError saying why when the kernel does not apply);
-        see :data:`~.base.DECODE_PATHS`. The module's own calls always use ``F.linear``.""")
+        ``F.linear``; :func:`~.matvec_kernel.products`), ``"pytorch"`` or ``"fused"`` (a ValueError saying why
+        when the kernel does not apply); see :data:`~.base.DECODE_PATHS`. The module's own calls always use
+        ``F.linear``.""")
 
     def heads(self, x: torch.Tensor, cache: LayerCache | None = None) -> tuple[torch.Tensor, ...]:
         """Q, K, V for the new tokens, each ``(B, H, T, hd)``."""
@@ -241,7 +242,10 @@ class CausalSelfAttention(nn.Module):
             return None
         C, H = self.d_model, self.n_heads
         k_buf, v_buf = cache.buffers()                  # (B, H, capacity, hd) each
-        in_proj, out_proj = self._projections(k_buf.shape[0])
+        (in_proj, out_proj), taken = matvec_kernel.products(          # (B, C) -> (B, 3C), (B, C) -> (B, C)
+            k_buf.shape[0], self.decode_path, (self.qkv.weight, self.qkv.bias, False),
+            (self.proj.weight, self.proj.bias, False))
+        self.__dict__["last_decode_path"] = taken
 
         def step(h: torch.Tensor, P: int) -> torch.Tensor:
             B = h.shape[0]
@@ -253,22 +257,6 @@ class CausalSelfAttention(nn.Module):
             cache._length = P + 1
             return out_proj(y.view(B, C))               # (B, C)
         return step
-
-    def _projections(self, rows: int):
-        """The lean step's two products, ``(B, C) -> (B, 3C)`` and ``(B, C) -> (B, C)``, per :attr:`decode_path`."""
-        wq, bq, wo, bo = self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias
-        why_not = matvec_kernel.applies(rows, wq, wo, path=self.decode_path)
-        if why_not is None:
-            try:
-                pair = matvec_kernel.bind(wq, bq), matvec_kernel.bind(wo, bo)
-                self.__dict__["last_decode_path"] = "fused"
-                return pair
-            except matvec_kernel.sparse_ff_kernel.KernelUnavailable as e:   # no compiler here
-                why_not = str(e)
-        if self.decode_path == "fused":
-            raise ValueError(f"decode_path='fused' does not apply to this step: {why_not}")
-        self.__dict__["last_decode_path"] = "pytorch"
-        return (lambda h: F.linear(h, wq, bq)), (lambda y: F.linear(y, wo, bo))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}"

@@ -38,8 +38,9 @@ class DenseFF(FeedForward):
     decode_path = PathSetting(
         """How the lean step (:meth:`step_function`) computes: ``"auto"`` (the two products by
         :mod:`.matvec_kernel` where :func:`~.matvec_kernel.applies` finds nothing against it, else
-        ``F.linear``), ``"pytorch"`` or ``"fused"`` (a ValueError saying why when the kernel does not apply);
-        see :data:`~.base.DECODE_PATHS`. Training and the eager forward always use ``F.linear``.""")
+        ``F.linear``; :func:`~.matvec_kernel.products`), ``"pytorch"`` or ``"fused"`` (a ValueError saying why
+        when the kernel does not apply); see :data:`~.base.DECODE_PATHS`. Training and the eager forward always
+        use ``F.linear``.""")
 
     def step_function(self, rows: int = 1):
         """:meth:`forward` on ``(B, d_model)`` with the weights looked up once (no dropout: inference): the
@@ -49,18 +50,9 @@ class DenseFF(FeedForward):
         if type(self.w1) is not nn.Linear or type(self.w2) is not nn.Linear:
             return self.decode
         w1, b1, w2, b2 = self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias
-        why_not = matvec_kernel.applies(rows, w1, w2, path=self.decode_path)
-        if why_not is None:
-            try:
-                first, second = matvec_kernel.bind(w1, b1, relu=True), matvec_kernel.bind(w2, b2)
-                self.__dict__["last_decode_path"] = "fused"
-                return lambda x: second(first(x))                      # (B, d_ff) -> (B, d_model)
-            except matvec_kernel.sparse_ff_kernel.KernelUnavailable as e:   # no compiler here
-                why_not = str(e)
-        if self.decode_path == "fused":
-            raise ValueError(f"decode_path='fused' does not apply to this step: {why_not}")
-        self.__dict__["last_decode_path"] = "pytorch"
-        return lambda x: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)  # (B, d_model)
+        (first, second), taken = matvec_kernel.products(rows, self.decode_path, (w1, b1, True), (w2, b2, False))
+        self.__dict__["last_decode_path"] = taken                       # nn.Module.__setattr__ costs microseconds
+        return lambda x: second(first(x))                               # (B, d_ff) -> (B, d_model)
 
     def active_params_per_token(self) -> int:
         """Every weight and bias: ``2 d d_ff + d_ff + d``."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import sparse_ff_kernel
 
@@ -29,7 +30,7 @@ try:                                        # optional: without Numba the layers
 except ImportError:                         # pragma: no cover - exercised by monkeypatching in the tests
     njit = None
 
-__all__ = ["available", "unavailable_reason", "applies", "bind", "MAX_ROWS", "MIN_BYTES", "MAX_ROW",
+__all__ = ["available", "unavailable_reason", "applies", "bind", "products", "MAX_ROWS", "MIN_BYTES", "MAX_ROW",
            "KERNEL_SOURCE_FUNCTIONS"]
 
 available = sparse_ff_kernel.available
@@ -126,3 +127,27 @@ def bind(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False):
         return torch.from_numpy(out)
     f(torch.zeros(1, w.shape[1]))       # compiled (or loaded from Numba's cache) now, not in the first step
     return f
+
+
+def products(rows: int, path: str, *specs: tuple) -> tuple[tuple, str]:
+    """A lean step's products for ``rows`` tokens a call, on ``path`` (a layer's ``decode_path``): each spec
+    ``(weight, bias, relu)`` becomes ``f(x)`` = ``F.linear(x, weight, bias)`` (then the ReLU, with ``relu``).
+    All by the kernel where :func:`applies` finds nothing against it and it compiles here, else all by
+    ``F.linear``; on ``"fused"`` a ValueError saying why instead. Returns the functions and the path taken
+    (``"fused"`` or ``"pytorch"``, for the layer's ``last_decode_path``)."""
+    why_not = applies(rows, *(w for w, _, _ in specs), path=path)
+    if why_not is None:
+        try:
+            return tuple(bind(w, b, relu) for w, b, relu in specs), "fused"
+        except sparse_ff_kernel.KernelUnavailable as e:                  # no compiler here
+            why_not = str(e)
+    if path == "fused":
+        raise ValueError(f"decode_path='fused' does not apply to this step: {why_not}")
+    return tuple(_pytorch_product(w, b, relu) for w, b, relu in specs), "pytorch"
+
+
+def _pytorch_product(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool):
+    """``F.linear`` (then the ReLU, with ``relu``), the reference and the fallback of :func:`bind`."""
+    if relu:
+        return lambda x: F.relu(F.linear(x, weight, bias))
+    return lambda x: F.linear(x, weight, bias)
