@@ -338,8 +338,8 @@ class ConvQKVAttention(nn.Module):
         return None
 
     def _fused_weights(self) -> tuple:
-        """The kernel's arrays: ``D`` (S, d), ``E`` (d, M), the bias (S, M), the merged convolution with its output
-        channels last (M, lk, mk, 3M) and its bias. Kept between calls (outside the module's attributes, so not
+        """The kernel's arrays, as :func:`.qkv_kernel.prepare` makes them from the multiplicative layer and the
+        merged convolution. Kept between calls (outside the module's attributes, so not
         pickled) and made again when a weight is replaced or changed in place (its address or version changes);
         weights made under ``torch.inference_mode`` keep no version, so theirs are made at every call. The
         weights are read from the modules' own dictionaries: ``nn.Module`` attribute look-ups cost about a
@@ -354,8 +354,8 @@ class ConvQKVAttention(nn.Module):
         if key is None or cached is None or cached[0] != key:
             w, b = self._merged_conv()
             D, E, bias = tensors[:3]
-            arrays = tuple(t.detach().contiguous().numpy() for t in (
-                D, E, bias.view(self.n_modules, self.d_module), w.permute(1, 2, 3, 0), b))
+            arrays = _kernel_module().prepare(*(t.detach().numpy() for t in (
+                D, E, bias.view(self.n_modules, self.d_module), w, b)))
             cached = (key, arrays)
             self.__dict__["_fused_arrays"] = cached
         return cached[1]
