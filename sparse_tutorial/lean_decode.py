@@ -13,6 +13,12 @@ the prompt, and then runs each new token as
   one call of it;
 * the final layer norm and the tied output head.
 
+Where every block offers it (``step.numpy``: float32 on the CPU), the stream between the embeddings and the final
+layer norm stays one NumPy array, updated in place: the fused kernels take and return NumPy arrays, so a sublayer
+with a fused kernel costs no conversion, and each residual addition is a NumPy addition in place instead of a new
+tensor. The layer norms stay PyTorch's own, so the logits are the same numbers as on the PyTorch stream.
+:attr:`LeanDecoder.stream` says which stream a decoder runs; ``stream="pytorch"`` keeps the PyTorch one.
+
 The cache is the model's own :class:`~sparse_tutorial.model.ModelCache`, given room for the whole context once
 (:meth:`LayerCache.reserve <sparse_tutorial.layers.attention.LayerCache.reserve>`), so no step reallocates a
 buffer. A layer kind without a ``step_function`` (LSH attention, int8 layers) is called as a module, on the same
@@ -36,15 +42,25 @@ class LeanDecoder:
     ``prefill(idx)`` runs the prompt through the model's own forward (one call, the cache filled), reserves the
     cache's room and binds every layer's step; ``step(idx)`` then decodes one new token per sequence. The steps
     read the weights as they were at :meth:`prefill`: call it again after changing them.
+
+    ``stream``: ``"auto"`` keeps the stream in NumPy where every block can (see the module docstring),
+    ``"numpy"`` insists (a ValueError at :meth:`prefill` where a block cannot), ``"pytorch"`` keeps PyTorch's.
     """
 
-    def __init__(self, model: TransformerLM):
+    STREAMS = ("auto", "numpy", "pytorch")
+
+    def __init__(self, model: TransformerLM, stream: str = "auto"):
         if not isinstance(model, TransformerLM):
             raise ValueError(f"model must be a TransformerLM, got {type(model).__name__}")
         if model.cfg.reversible:
             raise ValueError("the lean step runs the blocks one after the other, not as reversible streams; got "
                              "reversible=True (decode such a model with its own forward)")
+        if stream not in self.STREAMS:
+            raise ValueError(f"stream must be one of {self.STREAMS}, got stream={stream!r}")
         self.model = model.eval()
+        self.stream_setting = stream
+        #: the stream the bound steps run on, ``"numpy"`` or ``"pytorch"`` (None before :meth:`prefill`)
+        self.stream = None
         self.cache = None
         self._plan = None
         #: seconds of each step of the last :meth:`generate` given a clock
@@ -62,6 +78,13 @@ class LeanDecoder:
                     layer.reserve(ctx, ("conv_inputs",) if "conv_inputs" in layer.state else ())
             B = idx.shape[0]
             self._plan = [block.step_function(layer, B) for block, layer in zip(m.blocks, self.cache.layers)]
+            numpy_plan = [step.numpy for step in self._plan]
+            if self.stream_setting == "numpy" and None in numpy_plan:
+                raise ValueError("stream='numpy' does not apply to this model: its blocks' layer norms are not "
+                                 "float32 on the CPU, or a block has an SRU branch (use stream='auto')")
+            use_numpy = self.stream_setting != "pytorch" and None not in numpy_plan
+            self._numpy_plan = numpy_plan if use_numpy else None
+            self.stream = "numpy" if use_numpy else "pytorch"
             self._final = _norm(m.ln_f)
             head = m.head
             self._head = (lambda h: F.linear(h, head.weight)) if type(head) is nn.Linear else head
@@ -83,9 +106,14 @@ class LeanDecoder:
                              f"last ones again to slide the window)")
         with torch.inference_mode():
             tok, pos = self._emb
-            x = tok[idx[:, 0]] + pos[P]                      # (B, C)
-            for block_step in self._plan:
-                x = block_step(x, P)                         # (B, C)
+            x = tok[idx[:, 0]] + pos[P]                      # (B, C), a new tensor
+            if self._numpy_plan is not None:
+                xs = x.numpy()                               # the same memory, updated in place
+                for block_step in self._numpy_plan:
+                    block_step(xs, P)
+            else:
+                for block_step in self._plan:
+                    x = block_step(x, P)                     # (B, C)
             logits = self._head(F.layer_norm(x, *self._final))  # (B, vocab or more)
         return logits[:, None, :cfg.vocab_size]
 

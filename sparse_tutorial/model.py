@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,6 +168,13 @@ class ModelCache:
 # --------------------------------------------------------------------------------------------------
 
 
+def _on_numpy(step):
+    """A PyTorch sublayer step ``step(h, *args)`` on a NumPy input and output (views, no copy of ``h``)."""
+    def numpy_step(h: np.ndarray, *args) -> np.ndarray:
+        return step(torch.from_numpy(h), *args).numpy()
+    return numpy_step
+
+
 class Block(nn.Module):
     """Pre-LayerNorm Transformer block: ``x + attn(ln(x))`` then ``x + ff(ln(x))``."""
 
@@ -217,7 +225,10 @@ class Block(nn.Module):
         ``(batch, C)``, at position ``P`` and returns the block's output ``(batch, C)``. The attention and FF kinds
         bind their weights through their own ``step_function`` (a kind without one, or whose weights do not suit
         it, runs as a module on the same cache); the FF path follows :meth:`feed_forward`'s rule. The attention's
-        step holds the cache's buffers: give the cache room first (:meth:`LayerCache.reserve`). Eval mode only."""
+        step holds the cache's buffers: give the cache room first (:meth:`LayerCache.reserve`). Eval mode only.
+
+        ``step.numpy`` is the same step on a NumPy stream, ``x`` ``(batch, C)`` float32, updated in place
+        (:meth:`_numpy_step`), or None where the stream stays in PyTorch."""
         if self.training:
             raise ValueError("step_function is an inference path: call eval() first")
         attn, ff, sru = self.attn, self.ff, self.sru
@@ -239,6 +250,28 @@ class Block(nn.Module):
             if sru is not None:                         # Terraformer's branch, as a module
                 y = y + sru(x.view(batch, 1, -1), cache.state).view(batch, -1)
             return x + y
+        step.numpy = None if sru is not None else self._numpy_step(attn_step, ff_step, batch)
+        return step
+
+    def _numpy_step(self, attn_step, ff_step, batch: int):
+        """:meth:`step_function`'s step on a NumPy stream ``x`` ``(batch, C)`` float32, updated in place: each
+        sublayer's NumPy step where it has one (``.numpy``: the fused kernels take and return NumPy arrays), else
+        its PyTorch step on views of the same memory; the layer norms are PyTorch's own (``torch.layer_norm``,
+        the same numbers as the module's), on a view of the stream. None unless the block's layer norms hold
+        float32 weights on the CPU."""
+        norms = self.ln1, self.ln2
+        if any(ln.weight is None or ln.weight.dtype != torch.float32 or not ln.weight.is_cpu for ln in norms):
+            return None
+        attn_np = getattr(attn_step, "numpy", None) or _on_numpy(attn_step)
+        ff_np = getattr(ff_step, "numpy", None) or _on_numpy(ff_step)
+        n1, n2 = ((ln.normalized_shape, ln.weight, ln.bias, ln.eps, False) for ln in norms)
+        layer_norm = torch.layer_norm                   # F.layer_norm without its Python checks
+
+        def step(x: np.ndarray, P: int) -> np.ndarray:
+            xt = torch.from_numpy(x)                    # the same memory
+            np.add(x, attn_np(layer_norm(xt, *n1).numpy(), P), out=x)      # x += attn(ln1(x))
+            np.add(x, ff_np(layer_norm(xt, *n2).numpy()), out=x)           # x += ff(ln2(x))
+            return x
         return step
 
 

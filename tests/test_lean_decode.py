@@ -95,6 +95,35 @@ def test_the_cache_is_the_models_own_and_can_go_on_in_eager_pytorch():
     torch.testing.assert_close(eager, ref2, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kinds", KINDS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_the_numpy_stream_gives_the_same_numbers_as_the_pytorch_stream(kinds):
+    model = tiny(**kinds)
+    with torch.no_grad():                                       # layer norms that differ from each other
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prompt = torch.randint(0, 40, (2, 3))
+    on_numpy, on_pytorch = LeanDecoder(model), LeanDecoder(model, stream="pytorch")
+    tokens, logits = on_numpy.generate(prompt, 12)
+    ref_tokens, ref = on_pytorch.generate(prompt, 12)
+    # float32 on the CPU: the NumPy stream, except where a block has Terraformer's SRU branch
+    assert on_numpy.stream == ("pytorch" if "sru_dim" in kinds else "numpy")
+    assert on_pytorch.stream == "pytorch"
+    torch.testing.assert_close(tokens, ref_tokens, rtol=0, atol=0)
+    for a, b in zip(logits, ref):                                       # the same layer norms, the same kernels
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_stream_is_chosen_by_name():
+    with pytest.raises(ValueError, match=r"stream must be one of \('auto', 'numpy', 'pytorch'\), got stream='np'"):
+        LeanDecoder(tiny(), stream="np")
+    with pytest.raises(ValueError, match="stream='numpy' does not apply"):
+        LeanDecoder(tiny(ff="sparse", sru_dim=4), stream="numpy").prefill(torch.zeros(1, 3, dtype=torch.long))
+    decoder = LeanDecoder(tiny(), stream="numpy")
+    assert decoder.stream is None
+    decoder.prefill(torch.zeros(1, 3, dtype=torch.long))
+    assert decoder.stream == "numpy"
+
+
 def test_misuse_is_refused_with_what_to_do():
     model = tiny()
     decoder = LeanDecoder(model)

@@ -46,13 +46,19 @@ class DenseFF(FeedForward):
         """:meth:`forward` on ``(B, d_model)`` with the weights looked up once (no dropout: inference): the
         matrix-vector kernel of :mod:`.matvec_kernel` per :attr:`decode_path`, the ReLU fused into the first
         product; ``F.linear`` otherwise; the module's own calls for layers that are not plain ``nn.Linear``
-        (int8 ones). :attr:`last_decode_path` says which was bound."""
+        (int8 ones). :attr:`last_decode_path` says which was bound; with the kernel, ``step.numpy`` is the same
+        on NumPy arrays (the lean step's NumPy stream)."""
         if type(self.w1) is not nn.Linear or type(self.w2) is not nn.Linear:
             return self.decode
         w1, b1, w2, b2 = self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias
         (first, second), taken = matvec_kernel.products(rows, self.decode_path, (w1, b1, True), (w2, b2, False))
         self.__dict__["last_decode_path"] = taken                       # nn.Module.__setattr__ costs microseconds
-        return lambda x: second(first(x))                               # (B, d_ff) -> (B, d_model)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            return second(first(x))                                     # (B, d_ff) -> (B, d_model)
+        if taken == "fused":                                            # the same on NumPy arrays
+            step.numpy = lambda x: second.numpy(first.numpy(x))
+        return step
 
     def active_params_per_token(self) -> int:
         """Every weight and bias: ``2 d d_ff + d_ff + d``."""

@@ -121,10 +121,14 @@ def bind(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False):
     n = sparse_ff_kernel.kernel_threads(w.nbytes)
     call, kernels = sparse_ff_kernel._call, globals()
 
-    def f(x: torch.Tensor) -> torch.Tensor:
+    def numpy_f(x: np.ndarray) -> np.ndarray:
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)     # (B, R)
-        call(n, "_matvec", (w, b, _array(x), relu, out), kernels)
-        return torch.from_numpy(out)
+        call(n, "_matvec", (w, b, x if x.flags.c_contiguous else np.ascontiguousarray(x), relu, out), kernels)
+        return out
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(numpy_f(x.detach().numpy()))
+    f.numpy = numpy_f                   # the same on NumPy arrays (the lean step's NumPy stream)
     f(torch.zeros(1, w.shape[1]))       # compiled (or loaded from Numba's cache) now, not in the first step
     return f
 

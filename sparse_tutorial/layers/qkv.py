@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -385,7 +386,8 @@ class ConvQKVAttention(nn.Module):
         new token per sequence, ``h`` ``(B, C)`` float32, at position ``P``, writes its convolution input, key and
         value into ``cache``'s buffers and returns the attention's output ``(B, C)``. Used by
         :class:`~sparse_tutorial.lean_decode.LeanDecoder`, which reserves the cache's room first (the buffers are
-        held, not looked up). None where the fused step does not apply (then the caller runs the module)."""
+        held, not looked up). None where the fused step does not apply (then the caller runs the module).
+        ``step.numpy`` is the same on NumPy arrays (the lean step's NumPy stream)."""
         why_not = self.fused_unavailable(torch.empty(1, 1, self.d_model))
         if why_not is not None or self.decode_path == "pytorch" or torch.is_grad_enabled():
             return None
@@ -395,11 +397,15 @@ class ConvQKVAttention(nn.Module):
         arrays = conv_in.numpy(), k_buf.numpy(), v_buf.numpy()
         self.__dict__["last_decode_path"] = "fused"
 
-        def step(h: torch.Tensor, P: int) -> torch.Tensor:
-            y = run(h.numpy(), weights, *arrays, P)                            # (B, S, M)
+        def numpy_step(h: np.ndarray, P: int) -> np.ndarray:
+            y = run(h, weights, *arrays, P)                                    # (B, S, M)
             cache._length = P + 1
             cache.state["conv_context"] = conv_in[:, :, max(0, P + 2 - lk):P + 1]
-            return torch.from_numpy(y).view(h.shape[0], C)                     # (B, C)
+            return y.reshape(h.shape[0], C)                                    # (B, C)
+
+        def step(h: torch.Tensor, P: int) -> torch.Tensor:
+            return torch.from_numpy(numpy_step(h.numpy(), P))
+        step.numpy = numpy_step                                                # for a NumPy stream
         return step
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:

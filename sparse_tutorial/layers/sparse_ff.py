@@ -28,6 +28,7 @@ import math
 import threading
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -497,16 +498,20 @@ class SparseFF(FeedForward):
     def step_function(self, rows: int = 1):
         """:meth:`decode` on ``(rows, d_model)`` float32 as one call of the fused kernel, with the weights and the
         checks done once; :meth:`decode` itself where the kernel does not apply to this layer or to ``rows``
-        tokens (more than :attr:`FUSED_MAX_ROWS`), or :attr:`decode_path` is ``"pytorch"``. Inference only."""
+        tokens (more than :attr:`FUSED_MAX_ROWS`), or :attr:`decode_path` is ``"pytorch"``. Inference only.
+        The fused step's ``step.numpy`` is the same on NumPy arrays (the lean step's NumPy stream)."""
         why_not, weights = self._fused_check(None)
         if why_not is not None or self.decode_path == "pytorch" or rows > self.FUSED_MAX_ROWS:
             return self.decode
         run, block_size, scale = _kernel_module().run, self.block_size, self.scale_by_prob
         self.__dict__["last_decode_path"] = "fused"
 
+        def numpy_step(x: np.ndarray) -> np.ndarray:
+            return run(x, weights, block_size, scale)[0]                       # (B, d), C-contiguous
+
         def step(x: torch.Tensor) -> torch.Tensor:
-            out, _ = run(x.numpy(), weights, block_size, scale)                # x: (B, d), C-contiguous
-            return torch.from_numpy(out)                                       # (B, d)
+            return torch.from_numpy(numpy_step(x.numpy()))                     # (B, d)
+        step.numpy = numpy_step                                                # for a NumPy stream
         return step
 
     def decode(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
