@@ -227,7 +227,7 @@ def _conv_qkv_step(x, d, et, bm, wqk, wv, wb, lk, mk, conv_in, kbuf, vbuf, P, ou
 
 
 #: the functions chapter 5 prints with ``inspect.getsource``
-KERNEL_SOURCE_FUNCTIONS = (_conv_qkv_step, _attend)
+KERNEL_SOURCE_FUNCTIONS = (_conv_qkv_step, _convolution, _attend)
 
 if njit is not None:
     _rows = njit(fastmath=False, cache=True)(_rows)
