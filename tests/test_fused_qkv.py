@@ -3,13 +3,14 @@ PyTorch step computes, writes the same cache, and the layer falls back to PyTorc
 
 Every comparison is float32 within 1e-5.
 """
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparse_tutorial.bench.paths import use_path
-from sparse_tutorial.layers import qkv_kernel
+from sparse_tutorial.layers import qkv_kernel, sparse_ff_kernel
 from sparse_tutorial.layers.attention import LayerCache
 from sparse_tutorial.layers.qkv import ConvQKVAttention
 from sparse_tutorial.model import ModelConfig, TransformerLM
@@ -190,3 +191,32 @@ def test_a_kernel_that_fails_to_compile_leaves_the_cache_as_the_pytorch_step_wan
         assert layer.last_decode_path == "pytorch"
     torch.testing.assert_close(y, ref, **TOL)
     assert_same_cache(cache, rc)
+
+
+@pytest.mark.skipif(sparse_ff_kernel.numba is None or sparse_ff_kernel.numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="the threaded compilation needs a Numba pool of two threads")
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_modules=st.integers(1, 9), d_module=st.integers(1, 13), length_kernel=st.integers(2, 4),
+       batch=st.integers(1, 3), position=st.integers(0, 9), seed=st.integers(0, 2**16))
+def test_the_threaded_step_equals_the_one_thread_step(monkeypatch, n_modules, d_module, length_kernel, batch,
+                                                      position, seed):
+    monkeypatch.setattr(qkv_kernel, "PARALLEL_MIN_BYTES", 0)            # threads at every width
+    calls = []
+    threaded = qkv_kernel._kernel_parallel
+    monkeypatch.setattr(qkv_kernel, "_kernel_parallel", lambda *a: calls.append(1) or threaded(*a))
+    layer = make_layer(n_modules, d_module, length_kernel, seed)
+    weights = layer._fused_weights()
+    g = np.random.default_rng(seed)
+    S, M, C = n_modules, d_module, layer.d_model
+    x = g.standard_normal((batch, C), dtype=np.float32)
+    buffers = [g.standard_normal(shape, dtype=np.float32)
+               for shape in ((batch, M, 12, S), (batch, S, 12, M), (batch, S, 12, M))]
+    one = [b.copy() for b in buffers]
+    two = [b.copy() for b in buffers]
+    y1 = qkv_kernel.run(x, weights, *one, position, threads=1)
+    assert not calls
+    y2 = qkv_kernel.run(x, weights, *two, position, threads=2)
+    assert calls == [1]
+    np.testing.assert_array_equal(y1, y2)                                  # the same sums, module by module
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)

@@ -24,8 +24,8 @@ may be regrouped into vector lanes (as BLAS does): results differ from PyTorch's
 are written as dot products along rows padded to :data:`LANES` numbers (:func:`prepare`), four rows per call:
 loops over the output's few numbers (24 per module at the seed's width) leave the vector lanes idle. The
 attention reads four keys per pass over the query and four values per pass over the output.
-One thread: at the widths where the fused step pays, starting threads costs more than the work. Only float32 on
-the CPU is compiled; the layer falls back to its PyTorch step otherwise, and without Numba.
+With several threads the modules are shared out (each module's product, convolution and head), above
+:data:`PARALLEL_MIN_BYTES` read per token. Only float32 on the CPU is compiled; the layer falls back to its PyTorch step otherwise, and without Numba.
 """
 from __future__ import annotations
 
@@ -37,12 +37,11 @@ from . import sparse_ff_kernel
 from .sparse_ff_kernel import _dot, _dot4   # the dot products, one and four rows at a time, compiled there
 
 try:                                        # optional: without Numba the layer keeps its PyTorch step
-    from numba import njit
-    from numba.core.errors import NumbaError
+    from numba import njit, prange
 except ImportError:                         # pragma: no cover - exercised by monkeypatching in the tests
-    njit = None
+    njit, prange = None, range
 
-__all__ = ["available", "unavailable_reason", "KernelUnavailable", "prepare", "run", "LANES",
+__all__ = ["available", "unavailable_reason", "KernelUnavailable", "prepare", "run", "LANES", "PARALLEL_MIN_BYTES",
            "KERNEL_SOURCE_FUNCTIONS"]
 
 #: raised when the kernel cannot run here (the same exception as the sparse FF kernel's)
@@ -55,20 +54,15 @@ KernelUnavailable = sparse_ff_kernel.KernelUnavailable
 #: 16.4 -> 7.5 us, the convolutions 20.5 -> 13.6 us against loops over the output's 24 and 72 numbers.
 LANES = 32
 
-#: why the kernel failed to compile in this process (then :func:`available` is False), or None
-_COMPILE_ERROR: list[str] = []
+#: below this many bytes read per token (weights, keys and values) the step runs on one thread. A probe at the
+#: seed's width (d 384, 110 cached positions, about 450 KB), 2 threads, 2-core AMD EPYC: 44 us on one thread,
+#: 37 us on two
+PARALLEL_MIN_BYTES = 1 << 18
 
-
-def available() -> bool:
-    """Whether the fused step can run here (Numba importable, and no failed compilation in this process)."""
-    return sparse_ff_kernel.numba is not None and not _COMPILE_ERROR
-
-
-def unavailable_reason() -> str | None:
-    """Why :func:`available` is False, or None."""
-    if sparse_ff_kernel.numba is None:
-        return "numba is not installed (pip install numba)"
-    return _COMPILE_ERROR[0] if _COMPILE_ERROR else None
+#: whether the fused step can run here, and why not: the sparse FF kernel's (Numba importable, and no kernel of
+#: the package failed to compile in this process)
+available = sparse_ff_kernel.available
+unavailable_reason = sparse_ff_kernel.unavailable_reason
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,29 +111,21 @@ def _rows(out, w, v, n, bias):
         out[c] += bias[c]
 
 
-def _multiplicative(x, d, et, bm, g, u):
-    """Step 1: ``u[s, m] = bm[s, m] + (x * D[s]) . E^T[m]`` for one token ``x`` (d,): per module, the gated input
-    ``g`` (zero-padded to the rows of ``et``, ``(M, d')``) against every row of ``E^T``."""
-    S = bm.shape[0]
-    n = x.shape[0]
-    for s in range(S):
-        for i in range(n):
-            g[i] = x[i] * d[s, i]
-        _rows(u[s], et, g, et.shape[1], bm[s])
+def _multiplicative(x, ds, et, bms, g, us):
+    """Step 1 for module ``s``: ``u[s, m] = bm[s, m] + (x * D[s]) . E^T[m]`` for one token ``x`` (d,): the gated
+    input ``g`` (zero-padded to the rows of ``et``, ``(M, d')``) against every row of ``E^T``. ``ds``, ``bms``,
+    ``us``: row ``s`` of ``D``, of the bias and of ``u``."""
+    for i in range(x.shape[0]):
+        g[i] = x[i] * ds[i]
+    _rows(us, et, g, et.shape[1], bms)
 
 
-def _convolution(conv_in, P, wqk, wv, wb, lk, mk, local, qkv):
-    """Step 3: ``qkv[s]``, the ``3M`` outputs of module ``s``: the convolution over positions ``P - lk + 1 .. P``
-    (none before 0) and modules ``s - mk // 2 .. s + mk // 2`` (none outside ``0 .. S - 1``) of one sequence's
-    state ``conv_in`` (M, capacity, S).
-
-    The ``lk`` positions are copied once into ``local`` (rows, M, lk), module ``s`` at row ``s + mk // 2``, zeros
-    around: module ``s``'s window is then the ``mk`` rows from row ``s``, contiguous, and Q and K are its dot
-    products with the rows of ``wqk``; V's window is module ``s``'s own row. Padded reads past a window meet zero
-    weights."""
-    M = conv_in.shape[0]
-    S = conv_in.shape[2]
-    half = mk // 2
+def _window(conv_in, P, lk, half, local):
+    """The convolution's input for step 3: positions ``P - lk + 1 .. P`` (none before 0) of one sequence's state
+    ``conv_in`` (M, capacity, S), copied once into ``local`` (rows, M, lk), module ``s`` at row ``s + half``, zeros
+    around. Module ``s``'s window, ``mk = 2 half + 1`` modules wide, is then the ``mk`` rows from row ``s``:
+    contiguous."""
+    M, _, S = conv_in.shape
     for cin in range(M):
         for l in range(lk):
             pos = P - (lk - 1) + l
@@ -147,12 +133,16 @@ def _convolution(conv_in, P, wqk, wv, wb, lk, mk, local, qkv):
                 row = conv_in[cin, pos]
                 for s in range(S):
                     local[s + half, cin, l] = row[s]
-    flat = local.ravel()
-    ML = M * lk
+
+
+def _convolution(flat, s, ML, half, wqk, wv, wb, qkvs):
+    """Step 3 for module ``s``: ``qkvs``, its ``3M`` outputs, from :func:`_window`'s buffer ``flat`` (raveled;
+    ``ML = M lk`` numbers a module). Q and K: the window of ``mk`` modules from row ``s`` against the rows of
+    ``wqk``; V: module ``s``'s own row (``s + half``) against the rows of ``wv``. Padded reads past a window meet
+    zero weights."""
     C2 = wqk.shape[0]
-    for s in range(S):
-        _rows(qkv[s, :C2], wqk, flat[s * ML:], wqk.shape[1], wb[:C2])                # Q and K
-        _rows(qkv[s, C2:], wv, flat[(s + half) * ML:], wv.shape[1], wb[C2:])        # V
+    _rows(qkvs[:C2], wqk, flat[s * ML:], wqk.shape[1], wb[:C2])                      # Q and K
+    _rows(qkvs[C2:], wv, flat[(s + half) * ML:], wv.shape[1], wb[C2:])              # V
 
 
 def _attend(keys, values, q, n, scores, o):
@@ -202,28 +192,30 @@ def _conv_qkv_step(x, d, et, bm, wqk, wv, wb, lk, mk, conv_in, kbuf, vbuf, P, ou
     bias ``wb`` (3M,), kernel ``lk x mk``. Buffers, each with room for position ``P``: ``conv_in``
     (B, M, capacity, S) the multiplicative outputs of every position, ``kbuf`` and ``vbuf`` (B, S, capacity, M)
     the keys and values. Writes position ``P`` of the three buffers and ``out`` (B, S, M), the attention's
-    output of every head.
+    output of every head. The modules are shared out between threads (``prange``) in the threaded compilation.
     """
     B = x.shape[0]
     S, M = bm.shape
     u = np.empty((S, M), dtype=np.float32)
-    g = np.zeros(et.shape[1], dtype=np.float32)                      # the gated input, zero-padded
+    g = np.zeros((S, et.shape[1]), dtype=np.float32)                 # each module's gated input, zero-padded
     qkv = np.empty((S, 3 * M), dtype=np.float32)
-    scores = np.empty(P + 1, dtype=np.float32)
-    ML = M * lk                                                      # one module's row of the window
-    rows = S - 1 + max(-(-wqk.shape[1] // ML), mk // 2 - (-wv.shape[1] // ML))
+    scores = np.empty((S, P + 1), dtype=np.float32)
+    ML, half = M * lk, mk // 2                                       # one module's row of the window
+    rows = S - 1 + max(-(-wqk.shape[1] // ML), half - (-wv.shape[1] // ML))
     local = np.zeros((rows, M, lk), dtype=np.float32)                # zeros around the modules and before 0
     for b in range(B):
-        _multiplicative(x[b], d, et, bm, g, u)                        # 1. the multiplicative layer
-        for m in range(M):                                            # 2. the convolution's new input
-            for s in range(S):
+        for s in prange(S):
+            _multiplicative(x[b], d[s], et, bm[s], g[s], u[s])        # 1. the multiplicative layer
+            for m in range(M):                                        # 2. the convolution's new input
                 conv_in[b, m, P, s] = u[s, m]
-        _convolution(conv_in[b], P, wqk, wv, wb, lk, mk, local, qkv)  # 3. q, k, v of every module
-        for s in range(S):                                            # 4. k, v into the cache
-            for m in range(M):
+        _window(conv_in[b], P, lk, half, local)
+        flat = local.ravel()
+        for s in prange(S):
+            _convolution(flat, s, ML, half, wqk, wv, wb, qkv[s])      # 3. q, k, v of module s
+            for m in range(M):                                        # 4. k, v into the cache
                 kbuf[b, s, P, m] = qkv[s, M + m]
                 vbuf[b, s, P, m] = qkv[s, 2 * M + m]
-            _attend(kbuf[b, s], vbuf[b, s], qkv[s, :M], P + 1, scores, out[b, s])   # 5. attention
+            _attend(kbuf[b, s], vbuf[b, s], qkv[s, :M], P + 1, scores[s], out[b, s])   # 5. attention, head s
 
 
 #: the functions chapter 5 prints with ``inspect.getsource``
@@ -232,9 +224,13 @@ KERNEL_SOURCE_FUNCTIONS = (_conv_qkv_step, _convolution, _attend)
 if njit is not None:
     _rows = njit(fastmath=False, cache=True)(_rows)
     _multiplicative = njit(fastmath=False, cache=True)(_multiplicative)
+    _window = njit(fastmath=False, cache=True)(_window)
     _convolution = njit(fastmath=False, cache=True)(_convolution)
     _attend = njit(fastmath=False, cache=True)(_attend)
-    _kernel = njit(fastmath=False, cache=True)(_conv_qkv_step)
+    #: one thread: no thread pool at all
+    _kernel_serial = njit(fastmath=False, cache=True)(sparse_ff_kernel._renamed(_conv_qkv_step, "_kernel_serial"))
+    #: several threads: the modules shared out
+    _kernel_parallel = njit(parallel=True, fastmath=False, cache=True)(_conv_qkv_step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,9 +239,10 @@ if njit is not None:
 
 
 def run(x: np.ndarray, weights: tuple, conv_in: np.ndarray, kbuf: np.ndarray, vbuf: np.ndarray,
-        position: int) -> np.ndarray:
+        position: int, threads: int | None = None) -> np.ndarray:
     """The fused step on NumPy arrays: ``x`` ``(B, d)`` float32 C-contiguous; ``weights`` as :func:`prepare` makes
-    them; the three buffers C-contiguous, written in place at ``position``.
+    them; the three buffers C-contiguous, written in place at ``position``. ``threads`` defaults to torch's thread
+    count, one where a step reads under :data:`PARALLEL_MIN_BYTES`.
 
     Returns the attention's output ``(B, S, M)``. Raises :class:`KernelUnavailable` when the
     kernel cannot run here (the caller falls back to PyTorch).
@@ -253,10 +250,7 @@ def run(x: np.ndarray, weights: tuple, conv_in: np.ndarray, kbuf: np.ndarray, vb
     if not available():
         raise KernelUnavailable(unavailable_reason())
     out = np.empty((x.shape[0],) + weights[2].shape, dtype=np.float32)
-    try:
-        _kernel(x, *weights, conv_in, kbuf, vbuf, position, out)
-    except NumbaError as err:               # a compiler that fails on this machine: say so, fall back
-        first_line = (str(err).splitlines() or [""])[0]
-        _COMPILE_ERROR.append(f"the kernel did not compile here ({type(err).__name__}: {first_line})")
-        raise KernelUnavailable(_COMPILE_ERROR[0]) from err
+    nbytes = sum(w.nbytes for w in weights[:6]) + 2 * kbuf[:, :, :position + 1].nbytes // max(1, x.shape[0])
+    n = sparse_ff_kernel.kernel_threads(nbytes, threads, min_bytes=PARALLEL_MIN_BYTES)
+    sparse_ff_kernel._call(n, "_kernel", (x, *weights, conv_in, kbuf, vbuf, position, out), globals())
     return out

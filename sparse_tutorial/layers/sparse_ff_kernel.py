@@ -453,13 +453,13 @@ if numba is not None:
 # --------------------------------------------------------------------------------------------------
 
 
-def kernel_threads(bytes_per_token: int, threads: int | None = None) -> int:
-    """The threads the kernel uses: torch's thread count (or ``threads``), at most Numba's pool, and one when a
-    step reads under :data:`PARALLEL_MIN_BYTES`."""
+def kernel_threads(bytes_per_token: int, threads: int | None = None, min_bytes: int | None = None) -> int:
+    """The threads a kernel uses: torch's thread count (or ``threads``), at most Numba's pool, and one when a
+    step reads under ``min_bytes`` (default :data:`PARALLEL_MIN_BYTES`)."""
     n = torch.get_num_threads() if threads is None else threads
     if numba is not None:
         n = min(n, numba.config.NUMBA_NUM_THREADS)
-    return 1 if n <= 1 or bytes_per_token < PARALLEL_MIN_BYTES else n
+    return 1 if n <= 1 or bytes_per_token < (PARALLEL_MIN_BYTES if min_bytes is None else min_bytes) else n
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
