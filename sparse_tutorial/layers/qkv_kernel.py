@@ -54,9 +54,11 @@ KernelUnavailable = sparse_ff_kernel.KernelUnavailable
 #: 16.4 -> 7.5 us, the convolutions 20.5 -> 13.6 us against loops over the output's 24 and 72 numbers.
 LANES = 32
 
-#: below this many bytes read per token (weights, keys and values) the step runs on one thread. A probe at the
-#: seed's width (d 384, 110 cached positions, about 450 KB), 2 threads, 2-core AMD EPYC: 44 us on one thread,
-#: 37 us on two
+#: below this many bytes read per token (weights, keys and values) the step runs on one thread. On a 2-core AMD
+#: EPYC with 2 threads: a probe of the step alone at the seed's width (d 384, 110 cached positions, about
+#: 450 KB) gave 44 us on one thread and 37 us on two, though the whole model's decoding showed no difference
+#: (``bench generate``, 635 against 636 us per token); the 800M block's lean step (d 1024) went from 0.56 and
+#: 0.69 ms to 0.50 and 0.51 ms in two rounds (``bench block --shape 800m``)
 PARALLEL_MIN_BYTES = 1 << 18
 
 #: whether the fused step can run here, and why not: the sparse FF kernel's (Numba importable, and no kernel of
