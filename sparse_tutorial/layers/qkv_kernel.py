@@ -23,9 +23,10 @@ Like :mod:`.sparse_ff_kernel` it is compiled with ``fastmath=False`` except the 
 may be regrouped into vector lanes (as BLAS does): results differ from PyTorch's only by rounding. Steps 1 and 3
 are written as dot products along rows padded to :data:`LANES` numbers (:func:`prepare`), four rows per call:
 loops over the output's few numbers (24 per module at the seed's width) leave the vector lanes idle. The
-attention reads four keys per pass over the query and four values per pass over the output.
-With several threads the modules are shared out (each module's product, convolution and head), above
-:data:`PARALLEL_MIN_BYTES` read per token. Only float32 on the CPU is compiled; the layer falls back to its PyTorch step otherwise, and without Numba.
+attention reads four keys per pass over the query and four values per pass over the output. With several
+threads the modules are shared out (each module's product, convolution and head), above
+:data:`PARALLEL_MIN_BYTES` read per token. Only float32 on the CPU is compiled; the layer falls back to its
+PyTorch step otherwise, and without Numba.
 """
 from __future__ import annotations
 
