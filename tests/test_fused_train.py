@@ -77,13 +77,41 @@ def test_fused_training_call_equals_the_pytorch_path(s):
     assert_same_step(fused, reference, x, s["seed"])
 
 
+@pytest.mark.parametrize("block_size", [2, 8])
 @pytest.mark.parametrize("scale_by_prob", [False, True])
 @pytest.mark.parametrize("noise_scale", [0.1, 0.25])
-def test_the_kernels_sampler_gives_the_pytorch_paths_step(noise_scale, scale_by_prob):
-    """1 / noise_scale whole (10, 4): the kernel's own sampler draws, from the same uniform numbers."""
+def test_the_kernels_sampler_gives_the_pytorch_paths_step(noise_scale, scale_by_prob, block_size):
+    """1 / noise_scale whole (10, 4): the kernel's own sampler draws, from the same uniform numbers (blocks of
+    2: the dense products with the fused hard mask; of 8: the chosen units' kernel)."""
     assert kernel.sample_power(noise_scale) is not None
-    fused, reference = twins(24, 6, 8, hard_prob=1.0, noise_scale=noise_scale, scale_by_prob=scale_by_prob)
+    fused, reference = twins(24, 6, block_size, hard_prob=1.0, noise_scale=noise_scale,
+                             scale_by_prob=scale_by_prob)
     assert_same_step(fused, reference, torch.randn(3, 5, 24), seed=3)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, SparseFF.HARD_KERNEL_MIN_BLOCK - 1, SparseFF.HARD_KERNEL_MIN_BLOCK,
+                                        32])
+def test_a_hard_call_takes_the_mask_kernel_for_small_blocks(monkeypatch, block_size):
+    """Below HARD_KERNEL_MIN_BLOCK units per block a hard call keeps the dense products and fuses its mask
+    (hard_mask_forward); from there on it computes the chosen units only (hard_forward)."""
+    calls = []
+    for name in ("hard_forward", "hard_mask_forward"):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
+                                                                                     _real(*a, **k))[1])
+    fused, reference = twins(16, 3, block_size, hard_prob=1.0)
+    assert_same_step(fused, reference, torch.randn(4, 16), seed=1)
+    small = block_size < SparseFF.HARD_KERNEL_MIN_BLOCK
+    assert calls == ["hard_mask_forward" if small else "hard_forward"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 300), n=st.integers(1, 40), spread=st.floats(0.1, 30.0), seed=st.integers(0, 2**16),
+       threaded=st.booleans())
+def test_softmax_rows_equals_pytorchs_softmax(rows, n, spread, seed, threaded):
+    logits = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)) * spread
+    torch.testing.assert_close(kernel.softmax_rows(logits, threads=2 if threaded else 1),
+                               torch.softmax(logits, -1), atol=1e-6, rtol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)
@@ -204,12 +232,13 @@ def test_a_kernel_that_fails_to_compile_falls_back(monkeypatch):
     def broken(*args):
         raise numba.core.errors.TypingError("planted compile failure")
 
-    for name in ("_mask_forward", "_hard_forward"):
+    for name in ("_mask_forward", "_hard_forward", "_softmax_rows", "_hard_mask_forward"):
         monkeypatch.setattr(kernel, name + "_serial", broken)
         monkeypatch.setattr(kernel, name + "_parallel", broken)
-    for hard_prob in (0.0, 1.0):                            # the soft kernels, then the hard ones
+    # the soft kernels, then the hard ones: the chosen units' kernel (blocks of 8), the mask's (blocks of 4)
+    for hard_prob, block_size in ((0.0, 4), (1.0, 8), (1.0, 4)):
         monkeypatch.setattr(kernel, "_COMPILE_ERROR", [])
-        fused, _ = twins(16, 4, 4, hard_prob=hard_prob)
+        fused, _ = twins(16, 4, block_size, hard_prob=hard_prob)
         fused.train_path = "auto"
         fused(torch.randn(2, 16))
         assert fused.last_train_path == "pytorch"

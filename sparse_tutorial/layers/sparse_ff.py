@@ -182,6 +182,30 @@ class _HardTraining(torch.autograd.Function):
         return grad_x, grad_logits, grad_w1, grad_w2, grad.sum(0), None, None, None, None
 
 
+class _HardMask(torch.autograd.Function):
+    """A hard training call's mask and ReLU on the dense first product, for small blocks: ``h`` and ``logits``
+    ``(R, N)`` -> ``act`` ``(R, N)``, zero but at each row's chosen unit (:func:`.sparse_ff_kernel.hard_mask_forward`
+    and ``hard_mask_backward``), with the values and gradients of :meth:`SparseFF.mask`'s hard path. ``chosen``
+    ``(R,)``, or ``u`` and ``power`` for the kernel's sampler to draw it, as :class:`_HardTraining`."""
+
+    @staticmethod
+    def forward(ctx, h, logits, chosen, u, power, scale_by_prob):
+        kernel = _kernel_module()
+        p = kernel.softmax_rows(logits)                                # (R, N) the in-block softmax
+        if chosen is None:
+            chosen = kernel.sample(p, u, power)                        # (R,)
+        ctx.save_for_backward(p, h, chosen)
+        ctx.scale_by_prob = scale_by_prob
+        return kernel.hard_mask_forward(p, h, chosen, scale_by_prob)  # (R, N)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, h, chosen = ctx.saved_tensors
+        grad_h, grad_logits = _kernel_module().hard_mask_backward(grad.contiguous(), p, h, chosen,
+                                                                  ctx.scale_by_prob)
+        return grad_h, grad_logits, None, None, None, None
+
+
 class SparseFF(FeedForward):
     """Sparse feed-forward layer: one active unit in each block of ``block_size`` units.
 
@@ -395,6 +419,11 @@ class SparseFF(FeedForward):
             return "a traced or compiled graph cannot call the kernel"
         return None
 
+    #: a hard training call with blocks of fewer units than this keeps the dense products and fuses only its mask
+    #: (:class:`_HardMask`): with ``1 / N`` of the units chosen, the chosen-units kernel's row-by-row dot products
+    #: (:class:`_HardTraining`) do more work than a BLAS product over all of them
+    HARD_KERNEL_MIN_BLOCK = 8
+
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` in training mode on the fused kernels: a hard call by :class:`_HardTraining` (the chosen
         units only), a soft one by :class:`_FusedMask`. It draws the same random numbers as :meth:`mask`, in the
@@ -414,6 +443,11 @@ class SparseFF(FeedForward):
             chosen = self._sample(logits.detach()).view(-1)           # (R,)
         else:                                                          # as _sample(): one number per block
             u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device).view(-1)
+        if self.block_size < self.HARD_KERNEL_MIN_BLOCK:                # small blocks: the dense products
+            h = F.linear(x, self.w1)                                   # (..., d_ff)
+            act = _HardMask.apply(h.view(-1, self.block_size), logits.reshape(-1, self.block_size), chosen, u,
+                                  power, self.scale_by_prob)           # (R, N)
+            return self.dropout(act.view(h.shape) @ self.w2 + self.b2)  # (..., d_model)
         y = _HardTraining.apply(x.reshape(-1, self.d_model), logits.reshape(-1, self.block_size), self.w1, self.w2,
                                 self.b2, chosen, u, power, self.scale_by_prob)  # (T, d)
         return self.dropout(y.view(*x.shape[:-1], self.d_model))

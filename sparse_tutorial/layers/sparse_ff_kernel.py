@@ -53,7 +53,8 @@ except ImportError:                         # pragma: no cover - exercised by mo
 __all__ = ["available", "unavailable_reason", "KernelUnavailable", "prepare", "run", "fused_decode", "kernel_threads",
            "PARALLEL_MIN_BYTES", "KERNEL_SOURCE_FUNCTIONS", "mask_forward", "mask_backward", "sample",
            "sample_power", "MAX_POWER", "PARALLEL_MIN_ENTRIES", "TRAIN_SOURCE_FUNCTIONS", "hard_forward",
-           "hard_backward"]
+           "hard_backward", "hard_mask_forward", "hard_mask_backward",
+           "softmax_rows"]
 
 #: below this many bytes of weights read per token the kernel runs on one thread whatever the thread count:
 #: starting and joining the other threads costs more than the rows it would share out
@@ -386,6 +387,63 @@ def _hard_backward(g, x, w1, w2, p, chosen, h_sel, block_size, scale_by_prob,
                     gxt[i] += gh * w1u[i]
 
 
+def _softmax_rows(logits, p):
+    """``p = softmax(logits)`` along each row, ``(R, N)``, as ``F.softmax(logits,
+    -1)`` computes it (``exp(l - max) / sum``): PyTorch's own kernel is fast
+    for long rows but pays a set-up per row, which for rows of two or four
+    units cost more than the rest of a training call's mask."""
+    R, N = logits.shape
+    for r in prange(R):
+        lr, pr = logits[r], p[r]
+        m = lr[0]
+        for j in range(1, N):
+            m = lr[j] if lr[j] > m else m
+        total = np.float32(0.0)
+        for j in range(N):
+            e = np.exp(lr[j] - m)
+            pr[j] = e
+            total += e
+        for j in range(N):
+            pr[j] = pr[j] / total
+
+
+def _hard_mask_forward(p, h, chosen, scale_by_prob, act):
+    """A hard training call's mask and ReLU on the dense first product, for
+    small blocks (see ``SparseFF.HARD_KERNEL_MIN_BLOCK``): ``act`` is zero
+    but at the chosen unit ``c`` of each row, where it is ``relu(h * s)``
+    (``s`` the unit's ``p`` with ``scale_by_prob``, else 1); ``p``, ``h``,
+    ``act`` ``(R, N)``, ``chosen`` ``(R,)``. The values of
+    :func:`_hard_forward`'s ``h * s`` before the second product."""
+    R, N = p.shape
+    for r in prange(R):
+        ar, c = act[r], chosen[r]
+        for j in range(N):
+            ar[j] = np.float32(0.0)
+        a = h[r, c] * p[r, c] if scale_by_prob else h[r, c]
+        ar[c] = a if a > 0 else np.float32(0.0)     # a select, not a branch
+
+
+def _hard_mask_backward(g, p, h, chosen, scale_by_prob, grad_h, grad_logits):
+    """The gradients of :func:`_hard_mask_forward`'s ``act`` given ``g = d loss
+    / d act``: ``grad_h`` (zero but at the chosen unit, where the ReLU passed)
+    and ``grad_logits`` through the in-block softmax, as
+    :func:`_hard_backward`'s rows; all ``(R, N)``."""
+    R, N = p.shape
+    for r in prange(R):
+        pr, glr, ghr, c = p[r], grad_logits[r], grad_h[r], chosen[r]
+        for j in range(N):
+            ghr[j] = np.float32(0.0)
+        s = pr[c] if scale_by_prob else np.float32(1.0)
+        hc, gc = h[r, c], g[r, c]
+        live = hc * s > 0                # the ReLU passed: gradients flow
+        ghr[c] = gc * s if live else np.float32(0.0)
+        gm = gc * hc if live else np.float32(0.0)   # d loss / d mask[c]
+        tt = np.float32(0.0) - gm * pr[c]
+        for j in range(N):
+            glr[j] = pr[j] * tt
+        glr[c] = pr[c] * (gm + tt)
+
+
 def _power(q):
     """``q ** k``: :func:`_sampler` compiles :func:`_sample_source` with one of these for each whole ``k``."""
     raise NotImplementedError("compiled per power by _sampler")
@@ -405,17 +463,18 @@ def _sample_source(p, u, chosen):
         for j in range(N):
             total += _power(np.float64(pr[j]))
         target = np.float64(u[r]) * total
-        c, cum = N - 1, 0.0
-        for j in range(N):
+        # the first unit whose cumulative sum reaches the target (the last at
+        # most): the count of the sums before it, without a branch to guess
+        c, cum = 0, 0.0
+        for j in range(N - 1):
             cum += _power(np.float64(pr[j]))
-            if cum >= target:
-                c = j
-                break
+            c += cum < target
         chosen[r] = c
 
 
 #: the functions chapter 3 prints with ``inspect.getsource``
-TRAIN_SOURCE_FUNCTIONS = (_sample_source, _hard_forward, _hard_backward, _mask_forward, _mask_backward)
+TRAIN_SOURCE_FUNCTIONS = (_sample_source, _hard_forward, _hard_backward, _mask_forward, _mask_backward,
+                          _softmax_rows, _hard_mask_forward, _hard_mask_backward)
 
 
 def _renamed(fn, name):
@@ -446,6 +505,14 @@ if numba is not None:
     _hard_forward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_forward)
     _hard_backward_serial = njit(fastmath=False, cache=True)(_renamed(_hard_backward, "_hard_backward_serial"))
     _hard_backward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_backward)
+    _softmax_rows_serial = njit(fastmath=False, cache=True)(_renamed(_softmax_rows, "_softmax_rows_serial"))
+    _softmax_rows_parallel = njit(parallel=True, fastmath=False, cache=True)(_softmax_rows)
+    _hard_mask_forward_serial = njit(fastmath=False, cache=True)(
+        _renamed(_hard_mask_forward, "_hard_mask_forward_serial"))
+    _hard_mask_forward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_mask_forward)
+    _hard_mask_backward_serial = njit(fastmath=False, cache=True)(
+        _renamed(_hard_mask_backward, "_hard_mask_backward_serial"))
+    _hard_mask_backward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_mask_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,6 +705,37 @@ def mask_backward(g: torch.Tensor, p: torch.Tensor, h: torch.Tensor,
     grad_h = np.empty(tuple(p.shape), dtype=np.float32)
     grad_logits = np.empty(tuple(p.shape), dtype=np.float32)
     _call(_threads(p.numel(), threads), "_mask_backward", (_array(g), _array(p), _array(h), grad_h, grad_logits))
+    return torch.from_numpy(grad_h), torch.from_numpy(grad_logits)
+
+
+def softmax_rows(logits: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """:func:`_softmax_rows` on a PyTorch tensor (float32, CPU): ``logits`` ``(R, N)`` -> ``p`` ``(R, N)``."""
+    if not available():
+        raise KernelUnavailable(unavailable_reason())
+    p = np.empty(tuple(logits.shape), dtype=np.float32)
+    _call(_threads(logits.numel(), threads), "_softmax_rows", (_array(logits), p))
+    return torch.from_numpy(p)
+
+
+def hard_mask_forward(p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor, scale_by_prob: bool,
+                      threads: int | None = None) -> torch.Tensor:
+    """:func:`_hard_mask_forward` on PyTorch tensors (float32, CPU): ``p``, ``h`` ``(R, N)`` and the in-block
+    ``chosen`` ``(R,)`` -> ``act (R, N)``."""
+    if not available():
+        raise KernelUnavailable(unavailable_reason())
+    act = np.empty(tuple(p.shape), dtype=np.float32)
+    _call(_threads(p.numel(), threads), "_hard_mask_forward",
+          (_array(p), _array(h), _array(chosen), scale_by_prob, act))
+    return torch.from_numpy(act)
+
+
+def hard_mask_backward(g: torch.Tensor, p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor,
+                       scale_by_prob: bool, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_hard_mask_backward` on PyTorch tensors -> ``(grad_h, grad_logits)``, both ``(R, N)``."""
+    grad_h = np.empty(tuple(p.shape), dtype=np.float32)
+    grad_logits = np.empty(tuple(p.shape), dtype=np.float32)
+    _call(_threads(p.numel(), threads), "_hard_mask_backward",
+          (_array(g), _array(p), _array(h), _array(chosen), scale_by_prob, grad_h, grad_logits))
     return torch.from_numpy(grad_h), torch.from_numpy(grad_logits)
 
 
