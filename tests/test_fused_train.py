@@ -143,19 +143,25 @@ def test_the_sampler_follows_the_reference_distribution():
     assert torch.all((share - expected).abs() < 4 * sigma + 1e-12), (share, expected)
 
 
-def test_a_threaded_call_equals_the_one_thread_call():
-    fused, _ = twins(32, 16, 32, hard_prob=1.0)
+@pytest.mark.parametrize("block_size", [32, 2])     # the chosen units' kernels; the mask's
+def test_a_threaded_call_equals_the_one_thread_call(block_size):
+    """Calls large enough (PARALLEL_MIN_ENTRIES) for the threaded compilations: the same step as one thread."""
+    fused, _ = twins(32, 16, block_size, hard_prob=1.0)
     x = torch.randn(8, 64, 32)
+    assert x.shape[0] * x.shape[1] * 16 * block_size >= kernel.PARALLEL_MIN_ENTRIES
+    grad = torch.randn(8, 64, 32, generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     outs = []
     for n in (1, 2):
         torch.set_num_threads(n)
         try:
-            outs.append(step(fused, x, torch.ones(8, 64, 32), seed=5))
+            outs.append(step(fused, x, grad, seed=5))
         finally:
             torch.set_num_threads(threads)
     torch.testing.assert_close(outs[0][0], outs[1][0], **TOL)
     torch.testing.assert_close(outs[0][1], outs[1][1], **TOL)
+    for name in outs[0][2]:
+        torch.testing.assert_close(outs[0][2][name], outs[1][2][name], **TOL, msg=f"gradient of {name}")
 
 
 def test_non_contiguous_input():

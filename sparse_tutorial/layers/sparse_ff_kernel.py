@@ -417,10 +417,10 @@ def _hard_mask_forward(p, h, chosen, scale_by_prob, act):
     R, N = p.shape
     for r in prange(R):
         ar, c = act[r], chosen[r]
-        for j in range(N):
-            ar[j] = np.float32(0.0)
         a = h[r, c] * p[r, c] if scale_by_prob else h[r, c]
-        ar[c] = a if a > 0 else np.float32(0.0)     # a select, not a branch
+        a = a if a > 0 else np.float32(0.0)         # a select, not a branch
+        for j in range(N):                          # each entry written once
+            ar[j] = a if j == c else np.float32(0.0)
 
 
 def _hard_mask_backward(g, p, h, chosen, scale_by_prob, grad_h, grad_logits):
@@ -431,17 +431,17 @@ def _hard_mask_backward(g, p, h, chosen, scale_by_prob, grad_h, grad_logits):
     R, N = p.shape
     for r in prange(R):
         pr, glr, ghr, c = p[r], grad_logits[r], grad_h[r], chosen[r]
-        for j in range(N):
-            ghr[j] = np.float32(0.0)
         s = pr[c] if scale_by_prob else np.float32(1.0)
         hc, gc = h[r, c], g[r, c]
         live = hc * s > 0                # the ReLU passed: gradients flow
-        ghr[c] = gc * s if live else np.float32(0.0)
+        gh = gc * s if live else np.float32(0.0)
         gm = gc * hc if live else np.float32(0.0)   # d loss / d mask[c]
         tt = np.float32(0.0) - gm * pr[c]
+        # every entry written once (a store after the loop to the chosen
+        # entry was lost in Numba's threaded compilation)
         for j in range(N):
-            glr[j] = pr[j] * tt
-        glr[c] = pr[c] * (gm + tt)
+            ghr[j] = gh if j == c else np.float32(0.0)
+            glr[j] = pr[j] * (gm + tt) if j == c else pr[j] * tt
 
 
 def _power(q):
