@@ -487,3 +487,14 @@ def test_train_times_every_training_path_it_is_given(capsys, tmp_path, monkeypat
     assert not dense_layers
     assert {(l.last_train_path, l.hard_prob) for l in fused_layers} == {("fused", 1.0)}
     assert {(l.last_train_path, l.hard_prob) for l in pytorch_layers} == {("pytorch", 1.0)}
+
+
+def test_train_times_the_block_size_and_rank_it_is_given(capsys, tmp_path):
+    """`bench train --block-size --d-lowrank`: the sparse model timed has them (default: N 32 and the reference's
+    rank d_ff / N); a bad one is refused by name."""
+    row = run_json(capsys, tmp_path, *TINY["train"])["rows"][0]
+    assert (row["block_size"], row["d_lowrank"]) == (32, 128 // 32)           # d_ff = 4 x 32
+    row = run_json(capsys, tmp_path, *TINY["train"], "--block-size", "2", "--d-lowrank", "4")["rows"][0]
+    assert (row["block_size"], row["d_lowrank"]) == (2, 4)
+    with pytest.raises(ValueError, match="d_lowrank must be a positive integer or None.*got d_lowrank=0"):
+        bench.train_step(32, 1, batch_size=2, context_length=8, d_lowrank=0, repeats=1)

@@ -8,7 +8,7 @@ import torch
 from sparse_tutorial.data import TextData
 from sparse_tutorial.layers import SparseFF
 from sparse_tutorial.model import TransformerLM, book_config
-from sparse_tutorial.studies import gap
+from sparse_tutorial.studies import gap, quality
 from sparse_tutorial.train import TrainConfig, book_train_config, hard_prob_at, train_lm
 from test_train import toy_data
 
@@ -240,3 +240,15 @@ def test_the_converted_lever_trains_dense_then_sparse_for_the_same_total_steps(t
     rows, _ = gap.read_study(tiny_study)
     assert rows.iloc[0].lever == "converted at 2/3, always hard" and "convert_at" in rows.iloc[0].train_overrides
     assert rows.iloc[0].ff == "sparse"
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 32])
+def test_missed_target_remedies_suggest_what_applies_to_the_block_size(block_size):
+    remedies = quality.missed_target_remedies({"sparse": 1.6, "dense": 1.5}, {"sparse": 0.86, "dense": 0.88}, 1.4,
+                                              block_size=block_size, d_model=128)
+    assert "+6.7%" in remedies[0] and "steps=" in remedies[0]
+    # a smaller block only where there is one (a block of 1 would be the dense layer)
+    assert ("ff_block_size=" in remedies[0]) == (block_size > 2)
+    small = block_size < SparseFF.HARD_KERNEL_MIN_BLOCK
+    assert ("keeps the dense layer's products" in remedies[2]) == small
+    assert ("only the chosen units" in remedies[2]) == (not small)

@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n-layers", type=int, default=pick(default=4, fast=2))
     s.add_argument("--batch-size", type=int, default=pick(default=32, fast=8))
     s.add_argument("--context-length", type=int, default=pick(default=128, fast=64))
+    s.add_argument("--block-size", type=int, default=32, help="the sparse FF's block size N (the book's: 32)")
+    s.add_argument("--d-lowrank", type=int, default=None,
+                   help="the controller's rank (default: d_ff / block-size, the reference's)")
 
     s = sub.add_parser("attention", parents=[common], help="one attention layer: full against LSH, by length")
     s.add_argument("--lengths", type=int, nargs="+", default=None, help="default: 512 ... 16384 (fast: 128 ... 1024)")
@@ -191,7 +194,8 @@ def _run(args) -> pd.DataFrame:
                          progress=False)
     if c == "train":
         return train_step(args.d_model, args.n_layers, batch_size=args.batch_size,
-                          context_length=args.context_length, repeats=args.repeats, paths=args.paths,
+                          context_length=args.context_length, block_size=args.block_size,
+                          d_lowrank=args.d_lowrank, repeats=args.repeats, paths=args.paths,
                           progress=False)
     if c == "attention":
         lengths = args.lengths or pick(default=[512, 1024, 2048, 4096, 8192, 16384], fast=[128, 256, 512, 1024])

@@ -16,11 +16,12 @@ __all__ = ["train_step"]
 
 
 def train_step(d_model: int = 128, n_layers: int = 4, *, batch_size: int = 32, context_length: int = 128,
-               block_size: int = 32, repeats: int | None = None, warmup: int = 2, paths=None,
-               progress: bool = True) -> pd.DataFrame:
+               block_size: int = 32, d_lowrank: int | None = None,
+               repeats: int | None = None, warmup: int = 2, paths=None, progress: bool = True) -> pd.DataFrame:
     """Seconds per training step (forward, backward, gradient clipping, AdamW) of a dense and a sparse FF
-    model of the book's shape (``d_ff = 4 d_model``) and recipe (:data:`~sparse_tutorial.model.BOOK_RECIPE`), on
-    random tokens, interleaved.
+    model of the book's shape (``d_ff = 4 d_model``) and recipe (:data:`~sparse_tutorial.model.BOOK_RECIPE`), with
+    blocks of ``block_size`` units and a controller of rank ``d_lowrank`` (None: the reference's ``d_ff /
+    block_size``), on random tokens, interleaved.
 
     ``paths`` (default: the best here) picks how the sparse model's training calls compute the mask and the
     ReLU (:attr:`SparseFF.train_path <sparse_tutorial.layers.sparse_ff.SparseFF.train_path>`): ``"pytorch"``
@@ -42,11 +43,12 @@ def train_step(d_model: int = 128, n_layers: int = 4, *, batch_size: int = 32, c
         ff = "dense" if name == "dense" else "sparse"
         cfg = ModelConfig(vocab_size=65, context_length=context_length, d_model=d_model,
                           n_heads=max(1, d_model // 32), n_layers=n_layers, d_ff=4 * d_model, dropout=0.0,
-                          ff=ff, ff_block_size=block_size, **BOOK_RECIPE)
+                          ff=ff, **{**BOOK_RECIPE, "ff_block_size": block_size, "d_lowrank": d_lowrank})
         torch.manual_seed(1)                                           # every sparse model: the same weights
         model = TransformerLM(cfg).train()
         for layer in sparse_ff_layers(model):
             layer.train_path = "auto" if name == "fused" else "pytorch"
+            shape = {"block_size": layer.block_size, "d_lowrank": layer.d_lowrank}   # what is timed
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(model=model, opt=opt):
@@ -68,7 +70,7 @@ def train_step(d_model: int = 128, n_layers: int = 4, *, batch_size: int = 32, c
     med = {k: statistics.median(s) for k, s in samples.items()}
     first = paths[0]
     row = {"d_model": d_model, "n_layers": n_layers, "batch_size": batch_size, "context_length": context_length,
-           "path": first, "dense s per step": med["dense"], "sparse s per step": med[first],
+           **shape, "path": first, "dense s per step": med["dense"], "sparse s per step": med[first],
            "sparse / dense": med[first] / med["dense"]}
     for p in paths[1:]:
         row[f"sparse ({p}) s per step"] = med[p]

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from ..layers.sparse_ff import SparseFF
 from .plots import COLORS
 
 __all__ = ["plot_curves", "Target", "target_table", "sample_text", "samples_figure", "run_summary",
@@ -111,11 +112,23 @@ def missed_target_remedies(val: dict, acc: dict, step_ratio: float, *, block_siz
                            d_model: int) -> dict[int, str]:
     """What chapter 3 prints under each missed target (0: LM loss, 1: image accuracy, 2: step time),
     from the run's numbers: the gap, and the levers "Closing the gap" measures."""
+    smaller = (f" or give each token more units with a smaller block size (book_config('sparse', "
+               f"ff_block_size={block_size // 2}))" if block_size > 2 else "")
+    if block_size < SparseFF.HARD_KERNEL_MIN_BLOCK:
+        train_path = (f"With blocks of {block_size} units (fewer than SparseFF.HARD_KERNEL_MIN_BLOCK = "
+                      f"{SparseFF.HARD_KERNEL_MIN_BLOCK}) the fused path (pip install numba) keeps the dense "
+                      f"layer's products, since 1/{block_size} of the units is chosen, and fuses the softmax, "
+                      f"the mask and the ReLU: the step costs the dense layer's plus the controller's and those "
+                      f"passes. Larger blocks (book_config('sparse', ff_block_size=32, d_lowrank=None)) train "
+                      f"on the chosen units only, faster than dense, at the cost in loss that 'Closing the gap' "
+                      f"measures.")
+    else:
+        train_path = ("The fused path (pip install numba) computes only the chosen units of a hard call, and the "
+                      "recipe makes every call hard (ff_hard_prob=1.0).")
     return {
         0: (f"The sparse model's validation loss is {val['sparse']:.4f} against {val['dense']:.4f} "
             f"({val['sparse'] / val['dense'] - 1:+.1%}). The earlier PyTorch project also found that its "
-            f"sparse model needed more steps; train longer (book_train_config(steps=...)) or give each token "
-            f"more units with a smaller block size (book_config('sparse', ff_block_size={block_size // 2})). "
+            f"sparse model needed more steps; train longer (book_train_config(steps=...)){smaller}. "
             f"The next section, 'Closing the gap', measures these levers and others one at a time."),
         1: (f"The sparse image network reaches {acc['sparse']:.2%} against {acc['dense']:.2%}. In this network "
             f"every image must pass through the units its controller picks (there is no residual path around "
@@ -125,6 +138,5 @@ def missed_target_remedies(val: dict, acc: dict, step_ratio: float, *, block_siz
             f"PyTorch training path, taken without Numba or with train_path='pytorch'), training computes the "
             f"dense layer plus the controller, a softmax over all units and the mask multiply, full-size passes "
             f"over (tokens x d_ff) numbers; at d_model = {d_model} these passes are a large share of the FF "
-            f"layer's time (their share falls as d_model grows). The fused path (pip install numba) computes "
-            f"only the chosen units of a hard call, and the recipe makes every call hard (ff_hard_prob=1.0)."),
+            f"layer's time (their share falls as d_model grows). {train_path}"),
     }
