@@ -426,7 +426,8 @@ class SparseFF(FeedForward):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` in training mode on the fused kernels: a hard call by :class:`_HardTraining` (the chosen
-        units only), a soft one by :class:`_FusedMask`. It draws the same random numbers as :meth:`mask`, in the
+        units only; with blocks under :attr:`HARD_KERNEL_MIN_BLOCK`, the dense products and :class:`_HardMask`), a
+        soft one by :class:`_FusedMask`. It draws the same random numbers as :meth:`mask`, in the
         same order: the hard-or-soft coin, then one uniform number per block for the hard choice (drawn by the
         kernel's sampler when ``1 / noise_scale`` is whole, else by :meth:`_sample`)."""
         logits = self.block_logits(x)                                  # (..., n_blocks, block_size)
