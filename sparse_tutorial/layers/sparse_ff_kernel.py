@@ -35,7 +35,10 @@ choice from ``p ** (1 / noise_scale)``, normalised, which equals ``softmax(score
 second softmax; it is compiled for each whole power (10 for the reference's 0.1), so the power is a few
 multiplications, and its sums may run in vector lanes (a choice is a draw, not a sum to reproduce bit for bit).
 A soft call keeps the dense products; :func:`mask_forward` and :func:`mask_backward` do its mask, ReLU and their
-gradients in one pass each.
+gradients in one pass each. So does a hard call with small blocks (``SparseFF.HARD_KERNEL_MIN_BLOCK``), where a large
+share of the units is chosen and one BLAS product over all of them beats a dot product per chosen row:
+:func:`softmax_rows` (PyTorch's softmax pays a set-up per row, costly for rows of two units), then
+:func:`hard_mask_forward` and :func:`hard_mask_backward`, written without branches the processor must guess.
 """
 from __future__ import annotations
 
