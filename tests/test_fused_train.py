@@ -95,10 +95,16 @@ def test_a_hard_call_takes_the_mask_kernel_for_small_blocks(monkeypatch, block_s
     """Below HARD_KERNEL_MIN_BLOCK units per block a hard call keeps the dense products and fuses its mask
     (hard_mask_forward); from there on it computes the chosen units only (hard_forward)."""
     calls = []
-    for name in ("hard_forward", "hard_mask_forward"):
+
+    def spy(name):
         real = getattr(kernel, name)
-        monkeypatch.setattr(kernel, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name),
-                                                                                     _real(*a, **k))[1])
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+    for name in ("hard_forward", "hard_mask_forward"):
+        monkeypatch.setattr(kernel, name, spy(name))
     fused, reference = twins(16, 3, block_size, hard_prob=1.0)
     assert_same_step(fused, reference, torch.randn(4, 16), seed=1)
     small = block_size < SparseFF.HARD_KERNEL_MIN_BLOCK

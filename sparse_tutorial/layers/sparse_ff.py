@@ -434,24 +434,24 @@ class SparseFF(FeedForward):
         use_hard = bool(torch.rand(()) < self.hard_prob)               # as mask(): one draw per call
         self.last_mask_hard = use_hard
         self.__dict__["last_train_path"] = "fused"
-        if not use_hard:
-            h = F.linear(x, self.w1)                                   # (..., d_ff)
-            act = _FusedMask.apply(h.view(-1, self.block_size), logits.reshape(-1, self.block_size))  # (R, N)
-            return self.dropout(act.view(h.shape) @ self.w2 + self.b2)  # (..., d_model)
-        chosen = u = None
-        power = _kernel_module().sample_power(self.noise_scale)
-        if power is None:                                              # no noise, or a power not compiled
-            chosen = self._sample(logits.detach()).view(-1)           # (R,)
-        else:                                                          # as _sample(): one number per block
-            u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device).view(-1)
-        if self.block_size < self.HARD_KERNEL_MIN_BLOCK:                # small blocks: the dense products
-            h = F.linear(x, self.w1)                                   # (..., d_ff)
-            act = _HardMask.apply(h.view(-1, self.block_size), logits.reshape(-1, self.block_size), chosen, u,
-                                  power, self.scale_by_prob)           # (R, N)
-            return self.dropout(act.view(h.shape) @ self.w2 + self.b2)  # (..., d_model)
-        y = _HardTraining.apply(x.reshape(-1, self.d_model), logits.reshape(-1, self.block_size), self.w1, self.w2,
-                                self.b2, chosen, u, power, self.scale_by_prob)  # (T, d)
-        return self.dropout(y.view(*x.shape[:-1], self.d_model))
+        rows = logits.reshape(-1, self.block_size)                     # (R, N): one block of one token each
+        if use_hard:
+            chosen = u = None
+            power = _kernel_module().sample_power(self.noise_scale)
+            if power is None:                                          # no noise, or a power not compiled
+                chosen = self._sample(logits.detach()).view(-1)       # (R,)
+            else:                                                      # as _sample(): one number per block
+                u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device).view(-1)
+            if self.block_size >= self.HARD_KERNEL_MIN_BLOCK:          # the chosen units only
+                y = _HardTraining.apply(x.reshape(-1, self.d_model), rows, self.w1, self.w2, self.b2, chosen, u,
+                                        power, self.scale_by_prob)     # (T, d)
+                return self.dropout(y.view(*x.shape[:-1], self.d_model))
+        h = F.linear(x, self.w1)                                       # (..., d_ff): the dense products
+        if use_hard:                                                   # small blocks
+            act = _HardMask.apply(h.view(-1, self.block_size), rows, chosen, u, power, self.scale_by_prob)
+        else:
+            act = _FusedMask.apply(h.view(-1, self.block_size), rows)  # (R, N)
+        return self.dropout(act.view(h.shape) @ self.w2 + self.b2)     # (..., d_model)
 
     # -- the sparse path ----------------------------------------------------------------------------
     #: most tokens per call the fused kernel takes (it gathers rows for every token); more go through PyTorch,
