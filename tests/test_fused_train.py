@@ -244,7 +244,7 @@ def test_a_kernel_that_fails_to_compile_falls_back(monkeypatch):
     def broken(*args):
         raise numba.core.errors.TypingError("planted compile failure")
 
-    for name in ("_mask_forward", "_hard_forward", "_softmax_rows", "_hard_mask_forward"):
+    for name in ("_mask_forward", "_hard_forward", "_softmax_shift", "_hard_mask_forward"):
         monkeypatch.setattr(kernel, name + "_serial", broken)
         monkeypatch.setattr(kernel, name + "_parallel", broken)
     # the soft kernels, then the hard ones: the chosen units' kernel (blocks of 8), the mask's (blocks of 4)

@@ -38,7 +38,9 @@ A soft call keeps the dense products; :func:`mask_forward` and :func:`mask_backw
 gradients in one pass each. So does a hard call with small blocks (``SparseFF.HARD_KERNEL_MIN_BLOCK``), where a large
 share of the units is chosen and one BLAS product over all of them beats a dot product per chosen row:
 :func:`softmax_rows` (PyTorch's softmax pays a set-up per row, costly for rows of two units), then
-:func:`hard_mask_forward` and :func:`hard_mask_backward`, written without branches the processor must guess.
+:func:`hard_mask_forward` and :func:`hard_mask_backward`. These write the chosen unit of each row at an address
+computed from its index, into zeros, rather than test every unit against it: with random choices that test is a
+branch the processor guesses wrong half the time with blocks of two, which made the passes several times slower.
 """
 from __future__ import annotations
 
@@ -390,61 +392,90 @@ def _hard_backward(g, x, w1, w2, p, chosen, h_sel, block_size, scale_by_prob,
                     gxt[i] += gh * w1u[i]
 
 
-def _softmax_rows(logits, p):
-    """``p = softmax(logits)`` along each row, ``(R, N)``, as ``F.softmax(logits,
-    -1)`` computes it (``exp(l - max) / sum``): PyTorch's own kernel is fast
-    for long rows but pays a set-up per row, which for rows of two or four
-    units cost more than the rest of a training call's mask."""
+def _softmax_shift(logits, p):
+    """The first pass of the in-block softmax: ``p = logits - max`` along each
+    row, ``(R, N)`` (:func:`softmax_rows` then takes ``exp`` in PyTorch's
+    vector lanes, and :func:`_softmax_scale` divides by the sums). PyTorch's
+    own softmax is fast for long rows but pays a set-up per row, which for
+    rows of two or four units costs more than the rest of a training call's
+    mask; Numba's ``exp`` runs one number at a time."""
     R, N = logits.shape
     for r in prange(R):
         lr, pr = logits[r], p[r]
         m = lr[0]
         for j in range(1, N):
-            m = lr[j] if lr[j] > m else m
+            m = max(m, lr[j])
+        for j in range(N):
+            pr[j] = lr[j] - m
+
+
+def _softmax_scale(e):
+    """The last pass of the in-block softmax: each row of ``e = exp(logits -
+    max)`` divided by its sum, in place."""
+    R, N = e.shape
+    for r in prange(R):
+        er = e[r]
         total = np.float32(0.0)
         for j in range(N):
-            e = np.exp(lr[j] - m)
-            pr[j] = e
-            total += e
+            total += er[j]
         for j in range(N):
-            pr[j] = pr[j] / total
+            er[j] = er[j] / total
 
 
 def _hard_mask_forward(p, h, chosen, scale_by_prob, act):
     """A hard training call's mask and ReLU on the dense first product, for
-    small blocks (see ``SparseFF.HARD_KERNEL_MIN_BLOCK``): ``act`` is zero
-    but at the chosen unit ``c`` of each row, where it is ``relu(h * s)``
-    (``s`` the unit's ``p`` with ``scale_by_prob``, else 1); ``p``, ``h``,
-    ``act`` ``(R, N)``, ``chosen`` ``(R,)``. The values of
-    :func:`_hard_forward`'s ``h * s`` before the second product."""
+    small blocks (see ``SparseFF.HARD_KERNEL_MIN_BLOCK``): ``act`` (zeros on
+    entry) gets ``relu(h * s)`` at the chosen unit ``c`` of each row (``s``
+    the unit's ``p`` with ``scale_by_prob``, else 1); ``p``, ``h``, ``act``
+    ``(R, N)``, ``chosen`` ``(R,)``. The values of :func:`_hard_forward`'s
+    ``h * s`` before the second product. One store per row, at an address
+    computed from ``c``: a loop over the row that tests ``j == c`` would be a
+    branch the processor guesses wrong half the time with blocks of two."""
     R, N = p.shape
+    pf, hf, af = p.ravel(), h.ravel(), act.ravel()
     for r in prange(R):
-        ar, c = act[r], chosen[r]
-        a = h[r, c] * p[r, c] if scale_by_prob else h[r, c]
-        a = a if a > 0 else np.float32(0.0)         # a select, not a branch
-        for j in range(N):                          # each entry written once
-            ar[j] = a if j == c else np.float32(0.0)
+        k = r * N + chosen[r]
+        a = hf[k] * pf[k] if scale_by_prob else hf[k]
+        af[k] = a if a > 0 else np.float32(0.0)
 
 
-def _hard_mask_backward(g, p, h, chosen, scale_by_prob, grad_h, grad_logits):
+def _hard_mask_backward(g, p, h, chosen, scale_by_prob, grad_h, grad_logits,
+                        at_chosen):
     """The gradients of :func:`_hard_mask_forward`'s ``act`` given ``g = d loss
-    / d act``: ``grad_h`` (zero but at the chosen unit, where the ReLU passed)
-    and ``grad_logits`` through the in-block softmax, as
-    :func:`_hard_backward`'s rows; all ``(R, N)``."""
+    / d act``, all ``(R, N)``: ``grad_h`` (zeros on entry) at the chosen unit,
+    where the ReLU passed, and ``grad_logits`` through the in-block softmax,
+    as :func:`_hard_backward`'s rows, but for the chosen unit's own term
+    ``p[c] * d loss / d mask[c]``, left in ``at_chosen`` ``(R,)`` for
+    :func:`_add_at_chosen` (a store to the chosen entry after the row's loop
+    was lost in Numba's threaded compilation, so it runs as a loop of its
+    own)."""
     R, N = p.shape
+    pf, hf, gf, ghf = p.ravel(), h.ravel(), g.ravel(), grad_h.ravel()
     for r in prange(R):
-        pr, glr, ghr, c = p[r], grad_logits[r], grad_h[r], chosen[r]
-        s = pr[c] if scale_by_prob else np.float32(1.0)
-        hc, gc = h[r, c], g[r, c]
-        live = hc * s > 0                # the ReLU passed: gradients flow
-        gh = gc * s if live else np.float32(0.0)
-        gm = gc * hc if live else np.float32(0.0)   # d loss / d mask[c]
-        tt = np.float32(0.0) - gm * pr[c]
-        # every entry written once (a store after the loop to the chosen
-        # entry was lost in Numba's threaded compilation)
+        k = r * N + chosen[r]
+        s = pf[k] if scale_by_prob else np.float32(1.0)
+        hc, gc = hf[k], gf[k]
+        # 1 where the ReLU passed (gradients flow), else 0: a product, where
+        # `x if live else 0` compiles to a branch, guessed wrong half the time
+        # (the same numbers for a finite g; an infinite one makes NaN here
+        # where PyTorch writes 0, and NaN in the W2 gradient either way)
+        live = np.float32(hc * s > 0)
+        ghf[k] = gc * s * live
+        gm = gc * hc * live              # d loss / d mask[c]
+        tt = np.float32(0.0) - gm * pf[k]
+        pr, glr = p[r], grad_logits[r]
         for j in range(N):
-            ghr[j] = gh if j == c else np.float32(0.0)
-            glr[j] = pr[j] * (gm + tt) if j == c else pr[j] * tt
+            glr[j] = pr[j] * tt
+        at_chosen[r] = pf[k] * gm
+
+
+def _add_at_chosen(grad_logits, chosen, at_chosen):
+    """``grad_logits[r, chosen[r]] += at_chosen[r]`` for every row: the last
+    term of :func:`_hard_mask_backward`."""
+    R, N = grad_logits.shape
+    gl = grad_logits.ravel()
+    for r in prange(R):
+        gl[r * N + chosen[r]] += at_chosen[r]
 
 
 def _power(q):
@@ -477,7 +508,7 @@ def _sample_source(p, u, chosen):
 
 #: the functions chapter 3 prints with ``inspect.getsource``
 TRAIN_SOURCE_FUNCTIONS = (_sample_source, _hard_forward, _hard_backward, _mask_forward, _mask_backward,
-                          _softmax_rows, _hard_mask_forward, _hard_mask_backward)
+                          _softmax_shift, _softmax_scale, _hard_mask_forward, _hard_mask_backward, _add_at_chosen)
 
 
 def _renamed(fn, name):
@@ -508,14 +539,18 @@ if numba is not None:
     _hard_forward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_forward)
     _hard_backward_serial = njit(fastmath=False, cache=True)(_renamed(_hard_backward, "_hard_backward_serial"))
     _hard_backward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_backward)
-    _softmax_rows_serial = njit(fastmath=False, cache=True)(_renamed(_softmax_rows, "_softmax_rows_serial"))
-    _softmax_rows_parallel = njit(parallel=True, fastmath=False, cache=True)(_softmax_rows)
+    _softmax_shift_serial = njit(fastmath=False, cache=True)(_renamed(_softmax_shift, "_softmax_shift_serial"))
+    _softmax_shift_parallel = njit(parallel=True, fastmath=False, cache=True)(_softmax_shift)
+    _softmax_scale_serial = njit(fastmath=False, cache=True)(_renamed(_softmax_scale, "_softmax_scale_serial"))
+    _softmax_scale_parallel = njit(parallel=True, fastmath=False, cache=True)(_softmax_scale)
     _hard_mask_forward_serial = njit(fastmath=False, cache=True)(
         _renamed(_hard_mask_forward, "_hard_mask_forward_serial"))
     _hard_mask_forward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_mask_forward)
     _hard_mask_backward_serial = njit(fastmath=False, cache=True)(
         _renamed(_hard_mask_backward, "_hard_mask_backward_serial"))
     _hard_mask_backward_parallel = njit(parallel=True, fastmath=False, cache=True)(_hard_mask_backward)
+    _add_at_chosen_serial = njit(fastmath=False, cache=True)(_renamed(_add_at_chosen, "_add_at_chosen_serial"))
+    _add_at_chosen_parallel = njit(parallel=True, fastmath=False, cache=True)(_add_at_chosen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -712,11 +747,16 @@ def mask_backward(g: torch.Tensor, p: torch.Tensor, h: torch.Tensor,
 
 
 def softmax_rows(logits: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """:func:`_softmax_rows` on a PyTorch tensor (float32, CPU): ``logits`` ``(R, N)`` -> ``p`` ``(R, N)``."""
+    """The in-block softmax on a PyTorch tensor (float32, CPU): ``logits`` ``(R, N)`` -> ``p`` ``(R, N)``, as
+    ``F.softmax(logits, -1)`` computes it (``exp(l - max) / sum``): :func:`_softmax_shift`, PyTorch's ``exp``
+    in place (in vector lanes; Numba's runs one number at a time here), :func:`_softmax_scale`."""
     if not available():
         raise KernelUnavailable(unavailable_reason())
     p = np.empty(tuple(logits.shape), dtype=np.float32)
-    _call(_threads(logits.numel(), threads), "_softmax_rows", (_array(logits), p))
+    n = _threads(logits.numel(), threads)
+    _call(n, "_softmax_shift", (_array(logits), p))
+    torch.from_numpy(p).exp_()
+    _call(n, "_softmax_scale", (p,))
     return torch.from_numpy(p)
 
 
@@ -726,7 +766,7 @@ def hard_mask_forward(p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor, sc
     ``chosen`` ``(R,)`` -> ``act (R, N)``."""
     if not available():
         raise KernelUnavailable(unavailable_reason())
-    act = np.empty(tuple(p.shape), dtype=np.float32)
+    act = np.zeros(tuple(p.shape), dtype=np.float32)
     _call(_threads(p.numel(), threads), "_hard_mask_forward",
           (_array(p), _array(h), _array(chosen), scale_by_prob, act))
     return torch.from_numpy(act)
@@ -734,11 +774,15 @@ def hard_mask_forward(p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor, sc
 
 def hard_mask_backward(g: torch.Tensor, p: torch.Tensor, h: torch.Tensor, chosen: torch.Tensor,
                        scale_by_prob: bool, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_hard_mask_backward` on PyTorch tensors -> ``(grad_h, grad_logits)``, both ``(R, N)``."""
-    grad_h = np.empty(tuple(p.shape), dtype=np.float32)
+    """:func:`_hard_mask_backward` then :func:`_add_at_chosen` on PyTorch tensors -> ``(grad_h, grad_logits)``,
+    both ``(R, N)``."""
+    grad_h = np.zeros(tuple(p.shape), dtype=np.float32)
     grad_logits = np.empty(tuple(p.shape), dtype=np.float32)
-    _call(_threads(p.numel(), threads), "_hard_mask_backward",
-          (_array(g), _array(p), _array(h), _array(chosen), scale_by_prob, grad_h, grad_logits))
+    at_chosen = np.empty(p.shape[0], dtype=np.float32)
+    n, c = _threads(p.numel(), threads), _array(chosen)
+    _call(n, "_hard_mask_backward",
+          (_array(g), _array(p), _array(h), c, scale_by_prob, grad_h, grad_logits, at_chosen))
+    _call(n, "_add_at_chosen", (grad_logits, c, at_chosen))
     return torch.from_numpy(grad_h), torch.from_numpy(grad_logits)
 
 
