@@ -3,7 +3,9 @@
 Tiny sizes only; nothing here checks a speed (machines are shared and noisy).
 """
 import json
+import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -45,7 +47,7 @@ COLUMNS = {
     "crossover": {"batch", "dense ms", "sparse decode ms", "sparse masked ms", "decode / masked"},
     "train": {"dense s per step", "sparse s per step", "sparse / dense"},
     "quant": {"variant", "decode ms per step", "decode speed-up (dense / variant)"},
-    "parts": {"variant", "part", "µs", "MB", "GB/s", "share"},
+    "parts": {"variant", "part", "µs", "MB", "GB/s", "share", "warm µs", "floor µs", "bandwidth GB/s"},
 }
 ROWS = {"bandwidth": 2, "ff": 2, "block": 4, "generate": 6, "crossover": 2, "train": 1, "quant": 4,
         # four variants' parts with the whole block and the rest of it, and a fused kernel's row for each sparse
@@ -415,11 +417,53 @@ def test_parts_break_each_variant_into_its_parts_with_their_bytes(capsys, tmp_pa
         assert t["rest of the block"] == pytest.approx(t["whole block"] - t[ran].sum())
         assert part.set_index("part").loc["whole block", "MB"] == pytest.approx(
             bench.block_bytes("tiny", v, cache_len=4)["total"])
+        # each part's floor: the slower of its bytes at the bandwidth and its warm time; the block's, their sum
+        p = part.set_index("part")
+        bw = p["bandwidth GB/s"].iloc[0]
+        assert bw > 0 and (p["bandwidth GB/s"] == bw).all()
+        parts = p.drop(index=["whole block", "rest of the block"])
+        assert (parts["warm µs"] > 0).all()
+        expected = np.maximum(parts["MB"] / 1e3 / bw * 1e6, parts["warm µs"])
+        np.testing.assert_allclose(parts["floor µs"], expected, rtol=1e-9)
+        assert p.loc["whole block", "floor µs"] == pytest.approx(parts.loc[ran, "floor µs"].sum())
+        assert np.isnan(p.loc["rest of the block", "floor µs"])
     cfg = bench.block_config("tiny", "sparse FF")
     w1 = rows[(rows["variant"] == "sparse FF") & (rows["part"] == "W1 rows")]["MB"].iloc[0]
     assert w1 == pytest.approx(cfg.d_ff // cfg.ff_block_size * cfg.d_model * 4 / 1e6)   # one row a block
     assert (rows["GB/s"] == rows["MB"] / 1e3 / (rows["µs"] / 1e6)).all() or \
         rows["GB/s"].round(6).equals((rows["MB"] / 1e3 / (rows["µs"] / 1e6)).round(6))
+
+
+def _parts_table(rows):
+    """A block_parts-like table from (shape, variant, part, µs, floor µs) tuples."""
+    return pd.DataFrame(rows, columns=["shape", "variant", "part", "µs", "floor µs"])
+
+
+def test_block_floors_set_each_block_beside_its_floor_and_the_dense_block():
+    W = bench.parts.WHOLE
+    parts = _parts_table([("s", "dense", "dense FF", 80.0, 60.0), ("s", "dense", W, 100.0, 60.0),
+                          ("s", "sparse FF", W, 10.0, 4.0), ("t", "sparse FF", W, 5.0, 2.0)])
+    f = bench.block_floors(parts).set_index(["shape", "variant"])
+    assert list(f.columns) == ["µs", "floor µs", "of floor", "speed-up", "speed-up at the floors"]
+    assert f.loc[("s", "dense"), "speed-up"] == 1 and f.loc[("s", "dense"), "of floor"] == pytest.approx(100 / 60)
+    assert f.loc[("s", "sparse FF"), "speed-up"] == pytest.approx(10.0)
+    assert f.loc[("s", "sparse FF"), "speed-up at the floors"] == pytest.approx(15.0)
+    assert f.loc[("s", "sparse FF"), "of floor"] == pytest.approx(2.5)
+    assert np.isnan(f.loc[("t", "sparse FF"), "speed-up"])           # no dense block of that shape
+    assert np.isnan(f.loc[("t", "sparse FF"), "speed-up at the floors"])
+
+
+@pytest.mark.parametrize("bad", [pd.DataFrame({"part": ["x"]}), "table",
+                                 _parts_table([("s", "dense", "dense FF", 1.0, 1.0)])])
+def test_block_floors_refuse_a_table_that_is_not_block_parts(bad):
+    with pytest.raises(ValueError, match="parts"):
+        bench.block_floors(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -3.0, "20", True, float("nan")])
+def test_block_parts_refuses_a_bandwidth_that_is_not_positive(bad):
+    with pytest.raises(ValueError, match=re.escape(f"bandwidth_gbs={bad!r}")):
+        bench.block_parts("tiny", ["dense"], cache_len=4, repeats=1, bandwidth_gbs=bad)
 
 
 def test_a_timed_block_step_writes_into_the_caches_buffers_without_regrowing_them():

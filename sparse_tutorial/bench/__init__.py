@@ -60,7 +60,7 @@ from .long import LONG_VARIANTS, attention_lengths, long_config, long_decode
 from .machine import bandwidth
 from .paths import PATHS, available_paths, best_path
 from .targets import target_table
-from .parts import block_parts, qkv_step
+from .parts import block_floors, block_parts, qkv_step
 from .threads import threads_compare, threads_table, threads_verdicts
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, crossover, forward_tokens, generate_bench, model_config
@@ -70,6 +70,6 @@ __all__ = [
     "num_threads", "clock", "clock_name", "interleaved", "bandwidth", "ff_layer", "ff_kinds", "ff_sweep", "ff_rows", "block_config", "block_decode", "STEPS",
     "paper_speedup",
     "model_config", "generate_bench", "forward_tokens", "crossover", "train_step", "quant_bench",
-    "write_csv", "target_table", "LONG_VARIANTS", "attention_lengths", "long_config", "long_decode", "main", "block_parts", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
+    "write_csv", "target_table", "LONG_VARIANTS", "attention_lengths", "long_config", "long_decode", "main", "block_parts", "block_floors", "threads_compare", "threads_verdicts", "threads_table", "PATHS", "best_path", "available_paths", "ff_path_table", "block_path_table", "main_rows",
     "block_bytes", "block_bytes_table", "bytes_verdicts", "ENGINES", "DEFAULT_ENGINES", "engine_generate", "bytes_floor", "bytes_limits", "step_weight_bytes", "qkv_step",
 ]

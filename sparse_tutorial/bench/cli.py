@@ -22,7 +22,7 @@ from .int8 import quant_bench
 from .long import LONG_VARIANTS, attention_lengths, long_decode
 from .machine import bandwidth
 from .paths import PATHS, available_paths, check_paths
-from .parts import block_parts, qkv_step
+from .parts import block_floors, block_parts, qkv_step
 from .threads import threads_compare
 from .training import train_step
 from .whole_model import MODEL_VARIANTS, all_variants, crossover, generate_bench
@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", default="800m", choices=sorted(BLOCK_SHAPES), help="the block timed")
 
     s = sub.add_parser("parts", parents=[common],
-                       help="one block's decoding step part by part: time, bytes and GB/s of each")
+                       help="one block's decoding step part by part: time, bytes, GB/s and floor of each")
     s.add_argument("--shape", default="800m", choices=sorted(BLOCK_SHAPES))
     s.add_argument("--variants", nargs="+", default=list(BLOCK_VARIANTS), choices=list(BLOCK_VARIANTS))
     s.add_argument("--cache-len", type=int, default=128)
@@ -226,11 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))                                  # exit status 2 with the message on stderr
     csv = None if args.no_csv else str(write_csv(df, args.command, args.out_dir))
+    # parts: each variant's whole block beside its floor, and the speed-ups measured and at the floors
+    floors = block_floors(df) if args.command == "parts" else None
     if args.json:
         print(json.dumps({"command": args.command, "machine": machine, "seconds": elapsed, "csv": csv,
                           "path": args.paths[0] if hasattr(args, "paths") else None,
                           "paths": args.paths if hasattr(args, "paths") else None,
-                          "rows": json.loads(df.to_json(orient="records"))}))
+                          "rows": json.loads(df.to_json(orient="records")),
+                          **({"floors": json.loads(floors.to_json(orient="records"))} if floors is not None
+                             else {})}))
     else:
         shown = df.drop(columns=[c for c in ("cpu", "threads", "clock") if c in df.columns])
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format",
@@ -241,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", sparse FF {'training' if args.command == 'train' else 'decode'} path: "
                      f"{' and '.join(args.paths)}" if hasattr(args, "paths") else ""))
             print(shown.to_string(index=False))
+            if floors is not None:
+                print("\nfloors (each part at the slower of its bytes at the streaming bandwidth and its warm time):")
+                print(floors.to_string(index=False))
             if csv:
                 print(f"written: {csv}")
     return 0

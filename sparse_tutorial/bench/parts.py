@@ -9,6 +9,12 @@ cache, the output projection. Beside each time, the bytes the part reads and the
 that reads near the machine's bandwidth is at its floor; one far below it pays fixed costs. The whole block's step
 is timed in the same round, so the table also says what the parts leave out (``rest of the block``: the layer
 norms, the residual additions, the writes into the cache, reshapes and the cost of each call).
+
+Each part is also timed warm (its weights in the cache, called again and again): what its arithmetic and its
+calls cost when nothing waits for memory. A part's **floor** is the slower of two limits, its bytes at the
+machine's streaming bandwidth and its warm time; the block's floor is the sum over the parts it runs, one after
+another. :func:`block_floors` sets each variant's measured time beside its floor, and the speed-up over dense
+measured beside the speed-up the two floors allow.
 """
 from __future__ import annotations
 
@@ -21,9 +27,10 @@ from ..layers.qkv import ConvQKVAttention, modules_near_sqrt
 from ..layers.sparse_ff import SparseFF
 from .block import BLOCK_VARIANTS, _BlockStep, block_bytes, block_config
 from .harness import check_choice, free_memory, interleaved, machine_columns, positive
+from .machine import bandwidth
 from .paths import available_paths, check_paths
 
-__all__ = ["block_parts", "qkv_step", "WHOLE", "REST"]
+__all__ = ["block_parts", "block_floors", "qkv_step", "WHOLE", "REST"]
 
 
 #: The sparse FF's and the sparse QKV's parts as PyTorch operations, and the fused kernel that does all three in
@@ -102,19 +109,29 @@ WHOLE, REST = "whole block", "rest of the block"
 
 
 def block_parts(shape: str = "800m", variants=tuple(BLOCK_VARIANTS), *, cache_len: int = 128,
-                repeats: int | None = None, warmup: int = 2) -> pd.DataFrame:
-    """Time and bytes of every part of one block's decoding step, per variant: ``part``, ``µs``, ``MB``,
-    ``GB/s`` (bytes / time) and ``share`` (the part's time over the whole block's).
+                repeats: int | None = None, warmup: int = 2, bandwidth_gbs: float | None = None) -> pd.DataFrame:
+    """Time and bytes of every part of one block's decoding step, per variant: ``part``, ``µs`` (cold cache),
+    ``MB``, ``GB/s`` (bytes / time), ``share`` (the part's time over the whole block's), ``warm µs`` (the part
+    called again and again, its weights in the cache) and ``floor µs``: the slower of ``MB`` at
+    ``bandwidth GB/s`` (the argument ``bandwidth_gbs``; default: measured here, :func:`~.machine.bandwidth`'s
+    ``sum (read)``) and ``warm µs``. Both are medians of noisy timings, so a part can now and then measure faster
+    than its floor.
 
     Each variant also gets two rows: ``whole block`` (the block's own step, timed in the same round as its
     parts; ``MB``: :func:`~.block.block_bytes`) and ``rest of the block``, the whole block less the parts the
     block runs (its sparse FF and sparse QKV on the paths the block took: a fused kernel, else its PyTorch parts): the
     layer norms, residual additions, cache writes, reshapes and the cost of each call. Those parts and the rest
     have shares that add up to 1; the others' share is empty. A negative rest means the parts, each timed cold on
-    its own, took longer than the block does with all of them in one step.
+    its own, took longer than the block does with all of them in one step. The whole block's ``floor µs`` is the
+    sum of the floors of the parts it runs (the rest has none: its bytes are few and its calls could be fused
+    away).
     """
     check_choice("shape", shape, {"800m", "17b", "tiny"})
     positive("cache_len", cache_len)
+    if bandwidth_gbs is None:
+        bandwidth_gbs = float(bandwidth().set_index("measure").loc["sum (read)", "GB/s"])
+    elif isinstance(bandwidth_gbs, bool) or not isinstance(bandwidth_gbs, (int, float)) or not bandwidth_gbs > 0:
+        raise ValueError(f"bandwidth_gbs must be a positive number of GB/s, got bandwidth_gbs={bandwidth_gbs!r}")
     repeats = (7 if shape == "17b" else 20) if repeats is None else repeats
     rows = []
     def parts_of(shape_, variant, length):
@@ -136,6 +153,7 @@ def block_parts(shape: str = "800m", variants=tuple(BLOCK_VARIANTS), *, cache_le
             t = interleaved({**{k: f for k, (f, _) in parts.items()}, WHOLE: step}, repeats=repeats,
                             warmup=warmup, cold_cache=True,
                             primes={**{k: f for k, (f, _) in twins.items()}, WHOLE: twin})
+            warm = interleaved({k: f for k, (f, _) in parts.items()}, repeats=repeats, warmup=warmup)
         # the parts the block ran: its sparse FF and sparse QKV each as the fused kernel or as the PyTorch parts
         # (the whole block is the last call of each round, so last_decode_path is the path the block took)
         left_out = set()
@@ -147,12 +165,43 @@ def block_parts(shape: str = "800m", variants=tuple(BLOCK_VARIANTS), *, cache_le
         sizes = {k: (t[k], nbytes) for k, (_, nbytes) in parts.items()}
         sizes[WHOLE] = (whole, block_bytes(shape, variant, cache_len)["total"] * 1e6)
         sizes[REST] = (whole - sum(t[k] for k in run), float("nan"))   # calls and small ops, not a stream
+        # each part's floor: its bytes at the streaming bandwidth, or its warm time, whichever is slower
+        floor = {k: max(nbytes / (bandwidth_gbs * 1e9), warm[k]) for k, (_, nbytes) in parts.items()}
+        floor[WHOLE] = sum(floor[k] for k in run)
         for k, (seconds, nbytes) in sizes.items():
             rows.append({"shape": shape, "variant": variant, "part": k, "µs": seconds * 1e6, "MB": nbytes / 1e6,
                          "GB/s": nbytes / seconds / 1e9 if seconds > 0 else float("nan"),
-                         "share": seconds / whole if k in run or k == REST else None, **machine_columns()})
+                         "share": seconds / whole if k in run or k == REST else None,
+                         "warm µs": warm[k] * 1e6 if k in warm else float("nan"),
+                         "floor µs": floor[k] * 1e6 if k in floor else float("nan"),
+                         "bandwidth GB/s": bandwidth_gbs, **machine_columns()})
         del step, parts
         free_memory()
+    return pd.DataFrame(rows)
+
+
+def block_floors(parts: pd.DataFrame) -> pd.DataFrame:
+    """Each variant's whole block from :func:`block_parts`' table beside its floor, one row per shape and variant:
+    ``µs`` (measured), ``floor µs`` (the sum of the floors of the parts the block runs), ``of floor``
+    (measured over floor), ``speed-up`` (the same shape's dense block over this one, both measured) and
+    ``speed-up at the floors`` (the dense block's floor over this one's: what the two could reach if every part
+    ran at its limit). The speed-ups are empty where the table has no dense block of that shape.
+    """
+    need = {"shape", "variant", "part", "µs", "floor µs"}
+    if not isinstance(parts, pd.DataFrame) or not need <= set(parts.columns):
+        raise ValueError(f"parts must be block_parts' table with columns {sorted(need)}, got "
+                         f"{sorted(parts.columns) if isinstance(parts, pd.DataFrame) else type(parts).__name__}")
+    whole = parts[parts["part"] == WHOLE].set_index(["shape", "variant"])[["µs", "floor µs"]]
+    if whole.empty:
+        raise ValueError("parts has no 'whole block' rows: pass the table block_parts returns")
+    rows = []
+    for (shape, variant), r in whole.iterrows():
+        dense = whole.loc[(shape, "dense")] if (shape, "dense") in whole.index else None
+        rows.append({"shape": shape, "variant": variant, "µs": r["µs"], "floor µs": r["floor µs"],
+                     "of floor": r["µs"] / r["floor µs"],
+                     "speed-up": dense["µs"] / r["µs"] if dense is not None else float("nan"),
+                     "speed-up at the floors": (dense["floor µs"] / r["floor µs"] if dense is not None
+                                                else float("nan"))})
     return pd.DataFrame(rows)
 
 
