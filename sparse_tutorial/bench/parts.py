@@ -153,7 +153,8 @@ def block_parts(shape: str = "800m", variants=tuple(BLOCK_VARIANTS), *, cache_le
             t = interleaved({**{k: f for k, (f, _) in parts.items()}, WHOLE: step}, repeats=repeats,
                             warmup=warmup, cold_cache=True,
                             primes={**{k: f for k, (f, _) in twins.items()}, WHOLE: twin})
-            warm = interleaved({k: f for k, (f, _) in parts.items()}, repeats=repeats, warmup=warmup)
+            # warm: each part in a loop of its own (called round-robin, the others' bytes would evict its own)
+            warm = {k: interleaved({k: f}, repeats=repeats, warmup=warmup)[k] for k, (f, _) in parts.items()}
         # the parts the block ran: its sparse FF and sparse QKV each as the fused kernel or as the PyTorch parts
         # (the whole block is the last call of each round, so last_decode_path is the path the block took)
         left_out = set()
