@@ -434,6 +434,21 @@ def test_parts_break_each_variant_into_its_parts_with_their_bytes(capsys, tmp_pa
         rows["GB/s"].round(6).equals((rows["MB"] / 1e3 / (rows["µs"] / 1e6)).round(6))
 
 
+def test_parts_are_timed_warm_each_in_a_loop_of_its_own(monkeypatch):
+    """Warm means the part's weights stay cached: called round-robin with the others, their bytes would evict its
+    own, so each part gets a timing loop of its own (the cold round times them all together)."""
+    from sparse_tutorial.bench import parts as parts_module
+
+    calls = []
+    real = parts_module.interleaved
+    monkeypatch.setattr(parts_module, "interleaved",
+                        lambda fns, **kw: calls.append((list(fns), kw.get("cold_cache", False))) or real(fns, **kw))
+    table = bench.block_parts("tiny", ["sparse FF"], cache_len=4, repeats=1, warmup=0, bandwidth_gbs=10.0)
+    warm = [names for names, cold in calls if not cold]
+    parts = [p for p in table["part"] if p not in ("whole block", "rest of the block")]
+    assert sorted(warm) == sorted([p] for p in parts)
+
+
 def _parts_table(rows):
     """A block_parts-like table from (shape, variant, part, µs, floor µs) tuples."""
     return pd.DataFrame(rows, columns=["shape", "variant", "part", "µs", "floor µs"])
