@@ -11,7 +11,7 @@
     python -m sparse_tutorial.bench generate --engine pytorch compile          # torch.compile (a C++ compiler)
     python -m sparse_tutorial.bench crossover                                  # where the gather path stops paying
     python -m sparse_tutorial.bench threads                                    # 1 thread against 2, with spreads
-    python -m sparse_tutorial.bench parts --shape 17b                          # one block, part by part
+    python -m sparse_tutorial.bench parts --shape 17b                          # one block, part by part, with floors
     python -m sparse_tutorial.bench qkv --d-model 384 1024 2048                # the conv QKV step, each path
     python -m sparse_tutorial.bench train
     python -m sparse_tutorial.bench attention --lengths 1024 4096 16384             # full against LSH attention
