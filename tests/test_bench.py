@@ -457,9 +457,15 @@ def _parts_table(rows):
 def test_block_floors_set_each_block_beside_its_floor_and_the_dense_block():
     W = bench.parts.WHOLE
     parts = _parts_table([("s", "dense", "dense FF", 80.0, 60.0), ("s", "dense", W, 100.0, 60.0),
+                          ("s", "sparse FF", "controller", 3.0, 2.5), ("s", "sparse FF", "W1 rows", 4.0, 1.0),
                           ("s", "sparse FF", W, 10.0, 4.0), ("t", "sparse FF", W, 5.0, 2.0)])
     f = bench.block_floors(parts).set_index(["shape", "variant"])
-    assert list(f.columns) == ["µs", "floor µs", "of floor", "speed-up", "speed-up at the floors"]
+    assert list(f.columns) == ["µs", "floor µs", "of floor", "speed-up", "speed-up at the floors",
+                               "furthest part", "µs above floor"]
+    assert f.loc[("s", "sparse FF"), "furthest part"] == "W1 rows"        # 3 µs above, the controller 0.5
+    assert f.loc[("s", "sparse FF"), "µs above floor"] == pytest.approx(3.0)
+    assert f.loc[("s", "dense"), "furthest part"] == "dense FF"           # the whole block is no part
+    assert f.loc[("t", "sparse FF"), "furthest part"] is None
     assert f.loc[("s", "dense"), "speed-up"] == 1 and f.loc[("s", "dense"), "of floor"] == pytest.approx(100 / 60)
     assert f.loc[("s", "sparse FF"), "speed-up"] == pytest.approx(10.0)
     assert f.loc[("s", "sparse FF"), "speed-up at the floors"] == pytest.approx(15.0)

@@ -186,7 +186,8 @@ def block_floors(parts: pd.DataFrame) -> pd.DataFrame:
     ``µs`` (measured), ``floor µs`` (the sum of the floors of the parts the block runs), ``of floor``
     (measured over floor), ``speed-up`` (the same shape's dense block over this one, both measured) and
     ``speed-up at the floors`` (the dense block's floor over this one's: what the two could reach if every part
-    ran at its limit). The speed-ups are empty where the table has no dense block of that shape.
+    ran at its limit), and ``furthest part`` with ``µs above floor``: the part the block runs whose time is
+    furthest above its floor. The speed-ups are empty where the table has no dense block of that shape.
     """
     need = {"shape", "variant", "part", "µs", "floor µs"}
     if not isinstance(parts, pd.DataFrame) or not need <= set(parts.columns):
@@ -198,11 +199,19 @@ def block_floors(parts: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (shape, variant), r in whole.iterrows():
         dense = whole.loc[(shape, "dense")] if (shape, "dense") in whole.index else None
+        # the parts the block runs: those with a share (block_parts), less the rest of the block
+        ran = parts[(parts["shape"] == shape) & (parts["variant"] == variant) & ~parts["part"].isin((WHOLE, REST))]
+        if "share" in ran.columns:
+            ran = ran[ran["share"].notna()]
+        above = (ran["µs"] - ran["floor µs"]).reset_index(drop=True)
+        worst = above.idxmax() if above.notna().any() else None
         rows.append({"shape": shape, "variant": variant, "µs": r["µs"], "floor µs": r["floor µs"],
                      "of floor": r["µs"] / r["floor µs"],
                      "speed-up": dense["µs"] / r["µs"] if dense is not None else float("nan"),
                      "speed-up at the floors": (dense["floor µs"] / r["floor µs"] if dense is not None
-                                                else float("nan"))})
+                                                else float("nan")),
+                     "furthest part": ran["part"].iloc[worst] if worst is not None else None,
+                     "µs above floor": above.iloc[worst] if worst is not None else float("nan")})
     return pd.DataFrame(rows)
 
 
