@@ -146,6 +146,62 @@ def test_the_attention_step_takes_the_kernel_and_equals_the_module(monkeypatch):
 
 
 @needs_numba
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 6), hd=st.integers(1, 40), batch=st.integers(1, 3), prompt=st.integers(1, 9),
+       seed=st.integers(0, 2 ** 16))
+def test_the_numpy_attention_step_writes_the_cache_and_attends_as_the_module(heads, hd, batch, prompt, seed):
+    with pytest.MonkeyPatch.context() as monkeypatch:               # one per example (hypothesis)
+        attention_steps_as_the_module(heads, hd, batch, prompt, seed, count_kernel_calls(monkeypatch))
+
+
+def attention_steps_as_the_module(heads, hd, batch, prompt, seed, calls):
+    torch.manual_seed(seed)
+    C, new = heads * hd, 4
+    attn = CausalSelfAttention(C, heads).eval()
+    attn.decode_path = "fused"                                      # any size: the kernel, as the wide layers
+    x = torch.randn(batch, prompt + new, C)
+    with torch.inference_mode():
+        ref_cache, step_cache = LayerCache(), LayerCache()
+        attn(x[:, :prompt], ref_cache)
+        attn(x[:, :prompt], step_cache)
+        step_cache.reserve(prompt + new)
+        numpy_step = attn.step_function(step_cache).numpy
+        for t in range(prompt, prompt + new):
+            ref = attn(x[:, t:t + 1], ref_cache)[:, 0]                 # (B, C): SDPA over the cache
+            bound = len(calls)
+            y = numpy_step(x[:, t].contiguous().numpy(), t)            # (B, C)
+            assert calls[bound:] == ["_matvec", "_cached_heads", "_matvec"]
+            assert step_cache.length == t + 1
+            torch.testing.assert_close(torch.from_numpy(y), ref, **TOL)
+    torch.testing.assert_close(step_cache.k[:, :, :prompt + new], ref_cache.k, **TOL)
+    torch.testing.assert_close(step_cache.v[:, :, :prompt + new], ref_cache.v, **TOL)
+
+
+def test_the_attention_step_has_no_numpy_kernel_without_numba_or_on_the_pytorch_path(monkeypatch):
+    attn = CausalSelfAttention(384, 6).eval()
+    with torch.inference_mode():
+        cache = LayerCache()
+        attn(torch.randn(1, 3, 384), cache)
+        cache.reserve(8)
+        attn.decode_path = "pytorch"
+        assert attn.step_function(cache).numpy is None
+        monkeypatch.setattr(matvec_kernel.sparse_ff_kernel, "numba", None)
+        attn.decode_path = "auto"
+        assert attn.step_function(cache).numpy is None
+        with pytest.raises(matvec_kernel.sparse_ff_kernel.KernelUnavailable, match="numba is not installed"):
+            matvec_kernel.bind_heads(*cache.buffers())
+
+
+@needs_numba
+def test_bind_heads_refuses_buffers_it_cannot_write_in_place():
+    k = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="k_buf and v_buf must be C-contiguous float32"):
+        matvec_kernel.bind_heads(k, torch.zeros(1, 2, 8, 4).transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(ValueError, match="got \\(1, 2, 8, 4\\) torch.float32 and \\(1, 2, 8, 4\\) torch.float64"):
+        matvec_kernel.bind_heads(k, k.double())
+
+
+@needs_numba
 def test_the_seed_size_dense_model_decodes_through_the_kernel_as_its_own_forward():
     torch.manual_seed(0)
     model = TransformerLM(seed_config(ff="dense", vocab_size=65)).eval()

@@ -256,7 +256,26 @@ class CausalSelfAttention(nn.Module):
                 qkv[:, 0], k_buf[:, :, :P + 1], v_buf[:, :, :P + 1])
             cache._length = P + 1
             return out_proj(y.view(B, C))               # (B, C)
+        step.numpy = self._numpy_step(in_proj, out_proj, cache) if taken == "fused" else None
         return step
+
+    @staticmethod
+    def _numpy_step(in_proj, out_proj, cache: LayerCache):
+        """:meth:`step_function`'s step on NumPy arrays where its products are the kernel's: the same
+        arithmetic, the key and value writes and the attention over the cache in one call
+        (:func:`~.matvec_kernel.bind_heads`) instead of two copies and ``F.scaled_dot_product_attention``.
+        None where that kernel cannot run here (the caller then wraps the PyTorch step)."""
+        try:
+            heads = matvec_kernel.bind_heads(*cache.buffers())
+        except matvec_kernel.sparse_ff_kernel.KernelUnavailable:
+            return None
+        qkv_product, out_product = in_proj.numpy, out_proj.numpy
+
+        def numpy_step(h, P: int):
+            y = heads(qkv_product(h), P)                # (B, 3C) -> (B, C): k, v written at P
+            cache._length = P + 1
+            return out_product(y)                       # (B, C)
+        return numpy_step
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}"

@@ -24,14 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from . import sparse_ff_kernel
+from .qkv_kernel import _attend                # one head's softmax attention over the cache, compiled there
 
 try:                                        # optional: without Numba the layers keep F.linear
     from numba import njit, prange
 except ImportError:                         # pragma: no cover - exercised by monkeypatching in the tests
     njit = None
 
-__all__ = ["available", "unavailable_reason", "applies", "bind", "products", "MAX_ROWS", "MIN_BYTES", "MAX_ROW",
-           "KERNEL_SOURCE_FUNCTIONS"]
+__all__ = ["available", "unavailable_reason", "applies", "bind", "products", "bind_heads", "MAX_ROWS", "MIN_BYTES",
+           "MAX_ROW", "KERNEL_SOURCE_FUNCTIONS"]
 
 available = sparse_ff_kernel.available
 unavailable_reason = sparse_ff_kernel.unavailable_reason
@@ -52,12 +53,30 @@ def _matvec(w, b, x, relu, out):
             out[t, j] = y if not relu or y > 0 else np.float32(0.0)
 
 
-#: the function chapter 5 prints with ``inspect.getsource``
-KERNEL_SOURCE_FUNCTIONS = (_matvec,)
+def _cached_heads(qkv, kbuf, vbuf, P, scores, out):
+    """The attention of one new token per sequence at position ``P``: ``qkv`` (B, 3C) is the output of the
+    Q, K, V product (Q, then K, then V, each ``H`` heads of ``hd`` units); its key and value are written into
+    ``kbuf``, ``vbuf`` (B, H, capacity, hd) at ``P``, then each head attends over positions ``0..P``
+    (``scores`` is room for ``P + 1`` numbers) and writes its ``hd`` outputs into ``out`` (B, C)."""
+    B, H, _, hd = kbuf.shape
+    C = H * hd
+    for b in range(B):
+        for h in range(H):
+            q0 = h * hd
+            for m in range(hd):
+                kbuf[b, h, P, m] = qkv[b, C + q0 + m]
+                vbuf[b, h, P, m] = qkv[b, 2 * C + q0 + m]
+            _attend(kbuf[b, h], vbuf[b, h], qkv[b, q0:q0 + hd], P + 1, scores, out[b, q0:q0 + hd])
+
+
+#: the functions chapter 5 prints with ``inspect.getsource``
+KERNEL_SOURCE_FUNCTIONS = (_matvec, _cached_heads)
 
 if njit is not None:
     _matvec_serial = njit(fastmath={"reassoc"}, cache=True)(sparse_ff_kernel._renamed(_matvec, "_matvec_serial"))
     _matvec_parallel = njit(parallel=True, fastmath={"reassoc"}, cache=True)(_matvec)
+    #: one thread only: a step's heads are a few microseconds of arithmetic, less than a thread pool's start
+    _cached_heads_serial = njit(fastmath=False, cache=True)(_cached_heads)
 
 
 #: the lean steps take the kernel for up to this many tokens a call (one per sequence); more rows are a
@@ -130,6 +149,35 @@ def bind(weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False):
         return torch.from_numpy(numpy_f(x.detach().numpy()))
     f.numpy = numpy_f                   # the same on NumPy arrays (the lean step's NumPy stream)
     f(torch.zeros(1, w.shape[1]))       # compiled (or loaded from Numba's cache) now, not in the first step
+    return f
+
+
+def bind_heads(k_buf: torch.Tensor, v_buf: torch.Tensor):
+    """``f(qkv, P)``: :func:`_cached_heads` on the cache's key and value buffers ``(B, H, capacity, hd)``, for
+    ``qkv`` ``(B, 3C)`` float32 NumPy; returns the heads' outputs ``(B, C)``. The buffers are held as NumPy views,
+    so the kernel writes into the cache itself (the caller keeps the cache's length). Compiled here (or loaded
+    from Numba's cache), not in a later step; raises :class:`~.sparse_ff_kernel.KernelUnavailable` when the kernel
+    cannot run here, and a ValueError unless both buffers are C-contiguous float32 of one shape."""
+    if not available():
+        raise sparse_ff_kernel.KernelUnavailable(unavailable_reason())
+    if (k_buf.shape != v_buf.shape or k_buf.dim() != 4 or any(t.dtype != torch.float32 or not t.is_cpu
+                                                              or not t.is_contiguous() for t in (k_buf, v_buf))):
+        raise ValueError(f"k_buf and v_buf must be C-contiguous float32 CPU tensors of one (B, H, capacity, hd) "
+                         f"shape, got {tuple(k_buf.shape)} {k_buf.dtype} and {tuple(v_buf.shape)} {v_buf.dtype}")
+    k, v = k_buf.detach().numpy(), v_buf.detach().numpy()             # views: the kernel writes the cache
+    B, H, capacity, hd = k.shape
+    scores = np.empty(capacity, dtype=np.float32)
+    call, kernels = sparse_ff_kernel._call, globals()
+
+    def f(qkv: np.ndarray, P: int) -> np.ndarray:
+        out = np.empty((B, H * hd), dtype=np.float32)                  # (B, C)
+        call(1, "_cached_heads", (qkv if qkv.flags.c_contiguous else np.ascontiguousarray(qkv), k, v, P,
+                                  scores, out), kernels)
+        return out
+    # compiled now, on buffers of the same types (not the cache's, which it would write)
+    call(1, "_cached_heads", (np.zeros((1, 3 * hd), np.float32), np.zeros((1, 1, 1, hd), np.float32),
+                              np.zeros((1, 1, 1, hd), np.float32), 0, np.empty(1, np.float32),
+                              np.empty((1, hd), np.float32)), kernels)
     return f
 
 
