@@ -170,6 +170,23 @@ def test_active_units_table_picks_the_always_hard_levers_and_their_block_sizes()
     assert gap.smallest_meeting(part, "N", target=1.0) is None
 
 
+def test_width_table_keeps_the_width_grids_sparse_models_by_width():
+    rows = pd.DataFrame([
+        dict(grid=grid, lever=lever, seed=seed, steps=10, ff="dense" if lever.startswith("dense") else "sparse",
+             val_loss=loss)
+        for grid, lever, seed, loss in [
+            ("width", "dense d256", 0, 1.0), ("width", "sparse d256", 0, 1.05),
+            ("width", "dense d64", 0, 2.0), ("width", "sparse d64", 0, 2.2),
+            ("width", "dense d64", 1, 2.0), ("width", "sparse d64", 1, 2.1),
+            ("levers", "dense", 0, 1.5), ("levers", "sparse", 0, 1.6)]])
+    part = gap.width_table(gap.gap_table(rows))
+    assert part["d_model"].tolist() == [64, 256]                  # by width, not as the lever names sort
+    assert part["lever"].tolist() == ["sparse d64", "sparse d256"]
+    assert part["gap %"].tolist() == [pytest.approx(7.5), pytest.approx(5.0)]    # each width against its own dense
+    assert part["seeds"].tolist() == [2, 1]
+    assert gap.width_table(gap.gap_table(rows[rows.grid == "levers"])).empty
+
+
 # -- the image network's study -------------------------------------------------------------------------------
 
 

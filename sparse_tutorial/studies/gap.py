@@ -42,7 +42,7 @@ from ..model import TransformerLM, book_config
 from ..train import book_train_config, train_lm
 
 __all__ = ["Lever", "LEVERS", "GRIDS", "STUDY_CSV", "grid_runs", "run_study", "read_study", "gap_table",
-           "active_units_table", "smallest_meeting", "provenance_caption", "plot_levers", "plot_gap_against",
+           "active_units_table", "width_table", "smallest_meeting", "provenance_caption", "plot_levers", "plot_gap_against",
            "IMAGE_STUDY_BASE", "IMAGE_LEVERS", "IMAGE_CSV", "run_image_study", "image_gap_table", "main"]
 
 #: The study the book plots: ``results/quality_gap.csv`` at the root of the book's repository.
@@ -283,6 +283,15 @@ def active_units_table(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     part = part.assign(N=part["block_size"].astype(int), **{"active units": (part["d_ff"] // part["block_size"]),
                                                            "params / dense": (part["params"] / dense).round(3)})
     return part.drop(columns=["block_size", "d_ff", "params"]).sort_values(["steps", "N"]).reset_index(drop=True)
+
+
+def width_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The sparse models of the "width" grid: rows of ``table`` (a :func:`gap_table`) named ``sparse d<width>``,
+    each compared with ``dense d<width>`` of the same seeds and steps, with the width as an integer column
+    ``d_model`` (``d_ff = 4 d_model`` in that grid), sorted by steps, then width."""
+    part = table[(table["grid"] == "width") & table["lever"].str.fullmatch(r"sparse d\d+")]
+    part = part.assign(d_model=part["lever"].str.removeprefix("sparse d").astype(int))
+    return part.sort_values(["steps", "d_model"]).reset_index(drop=True)
 
 
 def smallest_meeting(table: pd.DataFrame, column: str, *, target: float = 2.0) -> pd.Series | None:
