@@ -524,6 +524,8 @@ def test_the_lean_block_step_computes_what_the_block_does_on_the_same_cache(vari
             torch.testing.assert_close(b, a.view(1, -1), atol=1e-5, rtol=0)
             torch.testing.assert_close(lean.cache.k, eager.cache.k, atol=1e-6, rtol=0)
             assert [b.data_ptr() for b in lean.cache.buffers()] == buffers
+    # the lean decoder's stream: NumPy wherever the block offers it (float32 layer norms on the CPU)
+    assert lean.stream == "numpy" and eager.stream is None
     with pytest.raises(ValueError, match="step"):
         bench.block_decode("tiny", step="compiled")
 

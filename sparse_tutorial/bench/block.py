@@ -67,7 +67,8 @@ def block_config(shape: str, variant: str) -> ModelConfig:
 
 
 #: how a block's decoding step runs: ``eager`` calls the block (its modules, as the model's forward does),
-#: ``lean`` its bound step (:meth:`Block.step_function`, the lean decoder's)
+#: ``lean`` its bound step (:meth:`Block.step_function`) on the stream the lean decoder would run it on: the
+#: NumPy stream (``step.numpy``) where the block offers it, else the PyTorch one
 STEPS = ("eager", "lean")
 
 
@@ -95,6 +96,8 @@ class _BlockStep:
         #: the decode path set last (:class:`_OnPath`), and the lean step bound for each path
         self.path: str | None = None
         self._lean: dict = {}
+        #: the stream the last lean call ran on, "numpy" or "pytorch" (None before it; eager steps have none)
+        self.stream: str | None = None
 
         self.has_sparse_ff = bool(sparse_ff_layers(self.block))
 
@@ -111,7 +114,12 @@ class _BlockStep:
         fn = self._lean.get(self.path)
         if fn is None:                              # bound once per path (the warm-up calls), then reused
             fn = self._lean[self.path] = self.block.step_function(self.cache, 1)
-        return fn(self.xs[self.i].view(1, -1), self.cache_len)
+        x = self.xs[self.i].view(1, -1)                                 # (1, C)
+        self.stream = "pytorch" if fn.numpy is None else "numpy"
+        if fn.numpy is None:
+            return fn(x, self.cache_len)
+        stream = x.numpy().copy()                   # the NumPy stream, updated in place: a fresh copy each call
+        return torch.from_numpy(fn.numpy(stream, self.cache_len))
 
 
 class _OnPath:
