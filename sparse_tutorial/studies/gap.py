@@ -42,7 +42,8 @@ from ..model import TransformerLM, book_config
 from ..train import book_train_config, train_lm
 
 __all__ = ["Lever", "LEVERS", "GRIDS", "STUDY_CSV", "grid_runs", "run_study", "read_study", "gap_table",
-           "active_units_table", "width_table", "smallest_meeting", "provenance_caption", "plot_levers", "plot_gap_against",
+           "active_units_table", "width_table", "smallest_meeting", "provenance_caption", "plot_levers",
+           "plot_gap_against",
            "IMAGE_STUDY_BASE", "IMAGE_LEVERS", "IMAGE_CSV", "run_image_study", "image_gap_table", "main"]
 
 #: The study the book plots: ``results/quality_gap.csv`` at the root of the book's repository.
