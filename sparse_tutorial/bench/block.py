@@ -115,9 +115,10 @@ class _BlockStep:
         if fn is None:                              # bound once per path (the warm-up calls), then reused
             fn = self._lean[self.path] = self.block.step_function(self.cache, 1)
         x = self.xs[self.i].view(1, -1)                                 # (1, C)
-        self.stream = "pytorch" if fn.numpy is None else "numpy"
         if fn.numpy is None:
+            self.stream = "pytorch"
             return fn(x, self.cache_len)
+        self.stream = "numpy"
         stream = x.numpy().copy()                   # the NumPy stream, updated in place: a fresh copy each call
         return torch.from_numpy(fn.numpy(stream, self.cache_len))
 
