@@ -220,3 +220,64 @@ def test_the_threaded_step_equals_the_one_thread_step(monkeypatch, n_modules, d_
     np.testing.assert_array_equal(y1, y2)                                  # the same sums, module by module
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
+
+
+def wide_steps(layer, x, prompt):
+    """The layer's lean step (step_function) with the wide step forced (FUSED_MAX_D_MODEL below its width): the
+    prompt by the module, then one token a call; returns the outputs, the cache and the step."""
+    layer.FUSED_MAX_D_MODEL = 0                             # this layer is "wide": BLAS products + the heads kernel
+    layer.decode_path = "auto"
+    cache = LayerCache()
+    outs = [layer(x[:, :prompt], cache)]
+    cache.reserve(x.shape[1], ("conv_inputs",))            # as the lean decoder does: the buffers are held
+    step = layer.step_function(cache)
+    assert step is not None and layer.last_decode_path == "wide"
+    for t in range(prompt, x.shape[1]):
+        outs.append(step(x[:, t], cache.length).unsqueeze(1))
+    return torch.cat(outs, 1), cache, step
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_modules=st.integers(1, 9), d_module=st.integers(1, 13), length_kernel=st.integers(2, 4),
+       batch=st.integers(1, 3), prompt=st.integers(1, 6), steps=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_the_wide_step_equals_the_pytorch_step(n_modules, d_module, length_kernel, batch, prompt, steps, seed):
+    layer = make_layer(n_modules, d_module, length_kernel, seed)
+    x = torch.randn(batch, prompt + steps, layer.d_model)
+    with torch.inference_mode():
+        wide, wc, _ = wide_steps(layer, x, prompt)
+        ref, rc = decode(layer, x, prompt, "pytorch")
+    torch.testing.assert_close(wide, ref, **TOL)
+    assert_same_cache(wc, rc)
+
+
+def test_the_wide_step_is_the_17b_layers_and_none_without_numba(monkeypatch):
+    layer = make_layer(3, 4)
+    with torch.inference_mode():
+        cache = LayerCache()
+        layer(torch.randn(1, 4, layer.d_model), cache)
+        cache.reserve(8, ("conv_inputs",))
+        layer.step_function(cache)
+        assert layer.last_decode_path == "fused"           # narrow: the fused kernel's step
+        layer.FUSED_MAX_D_MODEL = 8
+        layer.step_function(cache)
+        assert layer.last_decode_path == "wide"
+        layer.decode_path = "pytorch"
+        assert layer.step_function(cache) is None
+        layer.decode_path = "auto"
+        monkeypatch.setattr(qkv_kernel.sparse_ff_kernel, "numba", None)
+        assert layer.step_function(cache) is None
+
+
+def test_the_wide_step_decodes_again_after_the_cache_is_rolled_back():
+    layer = make_layer(4, 6, length_kernel=4)
+    x = torch.randn(2, 10, layer.d_model)
+    with torch.inference_mode():
+        _, wc, step = wide_steps(layer, x, 1)               # positions 0..9, then back to position 1
+        _, rc = decode(layer, x, 1, "pytorch")
+        ys = {}
+        for name, cache in (("wide", wc), ("pytorch", rc)):
+            cache.truncate(1)
+            ys[name] = [step(x[:, t].flip(-1), cache.length) if name == "wide"
+                        else layer(x[:, t:t + 1].flip(-1), cache)[:, 0] for t in range(1, 5)]
+    torch.testing.assert_close(torch.stack(ys["wide"]), torch.stack(ys["pytorch"]), **TOL)
+    assert_same_cache(wc, rc)

@@ -177,6 +177,31 @@ def attention_steps_as_the_module(heads, hd, batch, prompt, seed, calls):
     torch.testing.assert_close(step_cache.v[:, :, :prompt + new], ref_cache.v, **TOL)
 
 
+@needs_numba
+@settings(max_examples=10, deadline=None)
+@given(heads=st.integers(1, 6), hd=st.integers(1, 40), batch=st.integers(1, 3), prompt=st.integers(1, 9),
+       seed=st.integers(0, 2 ** 16))
+def test_the_heads_shared_out_between_two_threads_attend_as_the_module(heads, hd, batch, prompt, seed):
+    if matvec_kernel.sparse_ff_kernel.kernel_threads(1, 2, min_bytes=0) < 2:
+        pytest.skip("one thread here: Numba's pool has no second thread")
+    threads, old = [], torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(matvec_kernel, "HEADS_PARALLEL_MIN_BYTES", 0)     # every call on both threads
+        calls, call = count_kernel_calls(monkeypatch), matvec_kernel.sparse_ff_kernel._call
+
+        def spy(n, name, args, kernels=None):
+            if name == "_cached_heads":
+                threads.append(n)
+            return call(n, name, args, kernels)
+        monkeypatch.setattr(matvec_kernel.sparse_ff_kernel, "_call", spy)
+        torch.set_num_threads(2)
+        try:
+            attention_steps_as_the_module(heads, hd, batch, prompt, seed, calls)
+        finally:
+            torch.set_num_threads(old)
+    assert threads[-4:] == [2] * 4                                 # the four steps (binding compiles both)
+
+
 def test_the_attention_step_has_no_numpy_kernel_without_numba_or_on_the_pytorch_path(monkeypatch):
     attn = CausalSelfAttention(384, 6).eval()
     with torch.inference_mode():

@@ -213,7 +213,8 @@ class ConvQKVAttention(nn.Module):
         self.dropout = probability("dropout", dropout)
         self.resid_dropout = nn.Dropout(self.dropout)
         self.decode_path = decode_path
-        #: which step the last cached call took: "fused" or "pytorch" (None before the first)
+        #: which step the last cached call took: "fused", "pytorch" or (the lean step of a wide layer) "wide";
+        #: None before the first
         self.last_decode_path: str | None = None
 
     decode_path = PathSetting(
@@ -316,17 +317,18 @@ class ConvQKVAttention(nn.Module):
                 self._merged = cached
         return cached[1], cached[2]
 
-    def fused_unavailable(self, x: torch.Tensor) -> str | None:
+    def fused_unavailable(self, x: torch.Tensor, any_width: bool = False) -> str | None:
         """Why a cached call on ``x`` cannot take the fused step (None when it can): it needs Numba, one new
         token per sequence, float32 on the CPU, no autograd, no dropout, ``length_kernel`` at least 2 (the
-        kernel reads the convolution's state) and ``d_model`` up to :attr:`FUSED_MAX_D_MODEL`."""
+        kernel reads the convolution's state) and ``d_model`` up to :attr:`FUSED_MAX_D_MODEL` (not checked with
+        ``any_width``: the wide lean step's conditions, :meth:`_wide_step`)."""
         if not _kernel_module().available():
             return _kernel_module().unavailable_reason()
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return "a traced graph (torch.export, the ONNX export, torch.jit.trace) runs the PyTorch step"
         if x.shape[1] != 1:
             return f"{x.shape[1]} new tokens in one call; the kernel decodes one at a time"
-        if self.d_model > self.FUSED_MAX_D_MODEL:
+        if self.d_model > self.FUSED_MAX_D_MODEL and not any_width:
             return f"d_model={self.d_model} is above FUSED_MAX_D_MODEL={self.FUSED_MAX_D_MODEL}"
         if self.length_kernel < 2:
             return "length_kernel=1 keeps no convolution state"
@@ -388,9 +390,11 @@ class ConvQKVAttention(nn.Module):
         :class:`~sparse_tutorial.lean_decode.LeanDecoder`, which reserves the cache's room first (the buffers are
         held, not looked up). None where the fused step does not apply (then the caller runs the module).
         ``step.numpy`` is the same on NumPy arrays (the lean step's NumPy stream)."""
-        why_not = self.fused_unavailable(torch.empty(1, 1, self.d_model))
+        why_not = self.fused_unavailable(torch.empty(1, 1, self.d_model), any_width=True)
         if why_not is not None or self.decode_path == "pytorch" or torch.is_grad_enabled():
             return None
+        if self.d_model > self.FUSED_MAX_D_MODEL:
+            return self._wide_step(cache)
         weights, run, lk, C = self._fused_weights(), _kernel_module().run, self.length_kernel, self.d_model
         conv_in = cache.state["conv_inputs"]                                   # (B, M, capacity, S)
         k_buf, v_buf = cache.buffers()                                         # (B, S, capacity, M)
@@ -406,6 +410,58 @@ class ConvQKVAttention(nn.Module):
         def step(h: torch.Tensor, P: int) -> torch.Tensor:
             return torch.from_numpy(numpy_step(h.numpy(), P))
         step.numpy = numpy_step                                                # for a NumPy stream
+        return step
+
+    def _wide_step(self, cache: LayerCache):
+        """:meth:`step_function`'s step for a layer wider than :attr:`FUSED_MAX_D_MODEL`, where BLAS runs the
+        products faster than the fused kernel's loops (the 17B block: the multiplicative layer alone is
+        ``S d M`` = 85 M multiply-adds a token). The products are the PyTorch step's (:meth:`_step_products`),
+        each written into a buffer kept between steps; the rest is one call of the dense attention's kernel
+        (:func:`~.matvec_kernel.bind_heads`): the new key and value written into the cache and each head's
+        softmax attention over it, in place of two copies and ``F.scaled_dot_product_attention``, whose fixed
+        cost at one query is most of its time. None where that kernel cannot run here."""
+        from . import matvec_kernel                                        # imports Numba: on first use
+        conv_in = cache.state["conv_inputs"]                               # (B, M, capacity, S)
+        try:
+            heads = matvec_kernel.bind_heads(*cache.buffers())             # (B, 3C) -> (B, C); writes k, v
+        except matvec_kernel.sparse_ff_kernel.KernelUnavailable:
+            return None
+        B, M, _, S = conv_in.shape
+        C, lk, mult = self.d_model, self.length_kernel, self.mult
+        half = self.conv_q.conv.weight.shape[-1] // 2                      # Q's and K's kernel: mk = 2 half + 1
+        D, E = mult.D.detach(), mult.E.detach()                            # (S, C), (C, M)
+        bias = (torch.zeros(S, M) if mult.bias is None else mult.bias.detach().view(S, M)).repeat(B, 1)
+        (wq, bq), (wk, bk), (wv, bv) = self._step_matrices()               # (M lk mk, M) and (M lk, M), (M,)
+        gated = torch.empty(B, S, C)
+        u = torch.empty(B * S, M)
+        window = torch.zeros(B, M, lk, S + 2 * half)                       # the last lk inputs, zero-padded
+        inner = window[..., half:half + S]                                 # (B, M, lk, S): a view
+        qkv = torch.empty(3, B * S, M)                                     # Q, K, V of every module
+        self.__dict__["last_decode_path"] = "wide"
+
+        def numpy_step(h: np.ndarray, P: int) -> np.ndarray:
+            x = torch.from_numpy(h)                                        # (B, C)
+            torch.mul(x.view(B, 1, C), D, out=gated)                       # (B, S, C): x * D[s]
+            torch.addmm(bias, gated.view(B * S, C), E, out=u)              # (B S, M): the multiplicative layer
+            conv_in[:, :, P].copy_(u.view(B, S, M).transpose(1, 2))        # (B, M, S): the convolution's input
+            lo = max(0, P + 1 - lk)                                        # positions lo..P, none before 0
+            if P + 1 < lk:
+                inner[:, :, :lk - (P + 1)].zero_()
+            inner[:, :, lk - (P + 1 - lo):].copy_(conv_in[:, :, lo:P + 1])
+            # (B, M, lk, S, mk) -> (B, S, M, lk, mk) -> (B S, M lk mk): each module's window; V's: its own module
+            windows = window.unfold(3, 2 * half + 1, 1).permute(0, 3, 1, 2, 4).reshape(B * S, -1)
+            own = inner.permute(0, 3, 1, 2).reshape(B * S, M * lk)
+            for i, (cols, w, b) in enumerate(((windows, wq, bq), (windows, wk, bk), (own, wv, bv))):
+                torch.addmm(b, cols, w, out=qkv[i])
+            rows = qkv.view(3, B, C).transpose(0, 1)                       # (B, 3, C): as the kernel reads them
+            y = heads((rows if B == 1 else rows.contiguous()).reshape(B, 3 * C).numpy(), P)   # (B, C)
+            cache._length = P + 1
+            cache.state["conv_context"] = conv_in[:, :, max(0, P + 2 - lk):P + 1]
+            return y
+
+        def step(h: torch.Tensor, P: int) -> torch.Tensor:
+            return torch.from_numpy(numpy_step(h.numpy(), P))
+        step.numpy = numpy_step                                            # for a NumPy stream
         return step
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
