@@ -183,7 +183,9 @@ class ConvQKVAttention(nn.Module):
     :meth:`LayerCache.truncate` rolls the convolution back together with the keys and values.
 
     A cached call of one new token per sequence takes, where :meth:`fused_unavailable` finds nothing against it,
-    the fused step of :mod:`.qkv_kernel`: the same arithmetic in one compiled call (``decode_path``).
+    the fused step of :mod:`.qkv_kernel`: the same arithmetic in one compiled call (``decode_path``). The lean
+    decoder's step (:meth:`step_function`) of a layer wider than :attr:`FUSED_MAX_D_MODEL` keeps the products in
+    BLAS and runs the attention over the cache in Numba (:meth:`_wide_step`).
     """
 
     #: the fused decoding step (:mod:`.qkv_kernel`) applies to layers up to this ``d_model``. Its loops beat the
