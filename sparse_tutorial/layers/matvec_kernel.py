@@ -16,6 +16,10 @@ use it where it applies (their ``decode_path``; :func:`applies` says where it wa
 dense baseline gets the same kind of help as the sparse layers' fused kernels and the ratios stay honest. It
 needs Numba, float32 on the CPU and no autograd; anything else takes ``F.linear``, which is also the reference
 the tests hold it to (within float rounding).
+
+Between the attention's two products, :func:`bind_heads` writes the new key and value into the cache and runs each
+head's softmax over it in one call (:func:`_cached_heads`), the heads shared out between threads where they read
+at least :data:`HEADS_PARALLEL_MIN_BYTES`; the sparse QKV's lean step for wide layers calls it too.
 """
 from __future__ import annotations
 
