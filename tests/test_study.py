@@ -170,6 +170,24 @@ def test_active_units_table_picks_the_always_hard_levers_and_their_block_sizes()
     assert gap.smallest_meeting(part, "N", target=1.0) is None
 
 
+def test_blocks_table_keeps_the_blocks_grids_sparse_models_by_block_size():
+    runs = [("blocks", "dense", 0, 1.0, 32, 1000), ("blocks", "N 64", 0, 1.2, 64, 1020),
+            ("blocks", "N 8", 0, 1.05, 8, 1100), ("blocks", "N 8", 1, 1.155, 8, 1100),
+            ("blocks", "dense", 1, 1.1, 32, 1000), ("levers", "dense", 0, 1.0, 32, 1000),
+            ("levers", "N 8", 0, 2.0, 8, 9999), ("blocks", "N 8, always hard", 0, 1.0, 8, 1100)]
+    rows = pd.DataFrame([dict(grid=grid, lever=lever, seed=seed, steps=10, ff="dense" if lever == "dense" else
+                              "sparse", val_loss=loss, block_size=n, d_ff=512, params=p)
+                         for grid, lever, seed, loss, n, p in runs])
+    part = gap.blocks_table(gap.gap_table(rows), rows)
+    assert part["lever"].tolist() == ["N 8", "N 64"]                  # by block size, not as the names sort
+    assert part["N"].tolist() == [8, 64]
+    assert part["active units"].tolist() == [64, 8]
+    assert part["params / dense"].tolist() == [1.1, 1.02]             # the blocks grid's own rows and dense
+    assert part["gap %"].tolist() == [pytest.approx(5.0), pytest.approx(20.0)]   # each seed against its dense
+    assert part["seeds"].tolist() == [2, 1]
+    assert gap.blocks_table(gap.gap_table(rows[rows.grid == "levers"]), rows).empty
+
+
 def test_width_table_keeps_the_width_grids_sparse_models_by_width():
     rows = pd.DataFrame([
         dict(grid=grid, lever=lever, seed=seed, steps=10, ff="dense" if lever.startswith("dense") else "sparse",

@@ -42,8 +42,8 @@ from ..model import TransformerLM, book_config
 from ..train import book_train_config, train_lm
 
 __all__ = ["Lever", "LEVERS", "GRIDS", "STUDY_CSV", "grid_runs", "run_study", "read_study", "gap_table",
-           "active_units_table", "width_table", "smallest_meeting", "provenance_caption", "plot_levers",
-           "plot_gap_against",
+           "active_units_table", "blocks_table", "width_table", "smallest_meeting", "provenance_caption",
+           "plot_levers", "plot_gap_against",
            "IMAGE_STUDY_BASE", "IMAGE_LEVERS", "IMAGE_CSV", "run_image_study", "image_gap_table", "main"]
 
 #: The study the book plots: ``results/quality_gap.csv`` at the root of the book's repository.
@@ -277,9 +277,21 @@ def active_units_table(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     model's parameter count over the dense model's: the controller scores every unit, and its rank ``d_ff / N``
     grows as ``N`` shrinks, so small blocks buy quality with parameters."""
     keep = (table["grid"] == "levers") & table["lever"].str.fullmatch(r"(N \d+, )?always hard")
-    levers = rows[rows["grid"] == "levers"].drop_duplicates("lever").set_index("lever")
-    sizes = levers[["block_size", "d_ff", "params"]]
-    part = table[keep].join(sizes, on="lever")
+    return _with_block_sizes(table[keep], rows, "levers")
+
+
+def blocks_table(table: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The sparse models of the "blocks" grid: rows of ``table`` (a :func:`gap_table`) named ``N <n>`` (the lever
+    grid's base sparse model with blocks of ``n``), with the columns of :func:`active_units_table` taken from the
+    grid's own ``rows``, sorted by steps, then ``N``."""
+    keep = (table["grid"] == "blocks") & table["lever"].str.fullmatch(r"N \d+")
+    return _with_block_sizes(table[keep], rows, "blocks")
+
+
+def _with_block_sizes(part: pd.DataFrame, rows: pd.DataFrame, grid: str) -> pd.DataFrame:
+    """``part`` with ``N``, ``active units`` (``d_ff / N``) and ``params / dense`` from ``grid``'s runs in ``rows``."""
+    levers = rows[rows["grid"] == grid].drop_duplicates("lever").set_index("lever")
+    part = part.join(levers[["block_size", "d_ff", "params"]], on="lever")
     dense = levers["params"].get("dense", math.nan)
     part = part.assign(N=part["block_size"].astype(int), **{"active units": (part["d_ff"] // part["block_size"]),
                                                            "params / dense": (part["params"] / dense).round(3)})
