@@ -433,11 +433,19 @@ class ConvQKVAttention(nn.Module):
         half = self.conv_q.conv.weight.shape[-1] // 2                      # Q's and K's kernel: mk = 2 half + 1
         D, E = mult.D.detach(), mult.E.detach()                            # (S, C), (C, M)
         bias = (torch.zeros(S, M) if mult.bias is None else mult.bias.detach().view(S, M)).repeat(B, 1)
+        mk = 2 * half + 1
         (wq, bq), (wk, bk), (wv, bv) = self._step_matrices()               # (M lk mk, M) and (M lk, M), (M,)
+        # The last lk inputs, laid out (module, channel, position) and zero-padded by `half` modules each side, so
+        # that module s's window is one contiguous run of mk M lk numbers, window[b, s:s + mk]: its rows are
+        # gathered by one plain copy, where the (M, lk, S) layout of _step_products needs a 5-d strided gather.
+        window = torch.zeros(B, S + 2 * half, M, lk)
+        inner = window[:, half:half + S]                                   # (B, S, M, lk): a view; V's windows
+        runs = window.as_strided((B, S, mk * M * lk), (window.stride(0), M * lk, 1))   # overlapping rows
+        windows = torch.empty(B * S, mk * M * lk)                          # (B S, mk M lk): copied from runs
+        # the filters' rows in the same (module, channel, position) order: (M lk mk, M) -> (mk M lk, M)
+        wq, wk = (w.view(M, lk, mk, M).permute(2, 0, 1, 3).reshape(mk * M * lk, M) for w in (wq, wk))
         gated = torch.empty(B, S, C)
         u = torch.empty(B * S, M)
-        window = torch.zeros(B, M, lk, S + 2 * half)                       # the last lk inputs, zero-padded
-        inner = window[..., half:half + S]                                 # (B, M, lk, S): a view
         qkv = torch.empty(3, B * S, M)                                     # Q, K, V of every module
         self.__dict__["last_decode_path"] = "wide"
 
@@ -448,11 +456,10 @@ class ConvQKVAttention(nn.Module):
             conv_in[:, :, P].copy_(u.view(B, S, M).transpose(1, 2))        # (B, M, S): the convolution's input
             lo = max(0, P + 1 - lk)                                        # positions lo..P, none before 0
             if P + 1 < lk:
-                inner[:, :, :lk - (P + 1)].zero_()
-            inner[:, :, lk - (P + 1 - lo):].copy_(conv_in[:, :, lo:P + 1])
-            # (B, M, lk, S, mk) -> (B, S, M, lk, mk) -> (B S, M lk mk): each module's window; V's: its own module
-            windows = window.unfold(3, 2 * half + 1, 1).permute(0, 3, 1, 2, 4).reshape(B * S, -1)
-            own = inner.permute(0, 3, 1, 2).reshape(B * S, M * lk)
+                inner[..., :lk - (P + 1)].zero_()
+            inner[..., lk - (P + 1 - lo):].copy_(conv_in[:, :, lo:P + 1].permute(0, 3, 1, 2))   # (B, S, M, n)
+            windows.view(B, S, -1).copy_(runs)                             # each module's window: mk modules
+            own = inner.reshape(B * S, M * lk)                             # V's: its own module (a view at B 1)
             for i, (cols, w, b) in enumerate(((windows, wq, bq), (windows, wk, bk), (own, wv, bv))):
                 torch.addmm(b, cols, w, out=qkv[i])
             rows = qkv.view(3, B, C).transpose(0, 1)                       # (B, 3, C): as the kernel reads them
