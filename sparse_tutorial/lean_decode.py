@@ -16,8 +16,12 @@ the prompt, and then runs each new token as
 Where every block offers it (``step.numpy``: float32 on the CPU), the stream between the embeddings and the final
 layer norm stays one NumPy array, updated in place: the fused kernels take and return NumPy arrays, so a sublayer
 with a fused kernel costs no conversion, and each residual addition is a NumPy addition in place instead of a new
-tensor. The layer norms stay PyTorch's own, so the logits are the same numbers as on the PyTorch stream.
-:attr:`LeanDecoder.stream` says which stream a decoder runs; ``stream="pytorch"`` keeps the PyTorch one.
+tensor. The blocks' layer norms stay PyTorch's own. On that stream the embeddings are added into a buffer held
+between steps, and the final layer norm and the tied head are one compiled call
+(:mod:`~sparse_tutorial.layers.head_kernel`, where Numba runs): after megabytes of weights have streamed through
+the caches, PyTorch's two calls there cost tens of microseconds a token. The logits then differ from the PyTorch
+stream's by float32 rounding in that last call only. :attr:`LeanDecoder.stream` says which stream a decoder runs;
+``stream="pytorch"`` keeps the PyTorch one.
 
 The cache is the model's own :class:`~sparse_tutorial.model.ModelCache`, given room for the whole context once
 (:meth:`LayerCache.reserve <sparse_tutorial.layers.attention.LayerCache.reserve>`), so no step reallocates a
@@ -27,6 +31,7 @@ logits against the model's own cached forward.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +68,7 @@ class LeanDecoder:
         self.stream = None
         self.cache = None
         self._plan = None
+        self._numpy_glue = None
         #: seconds of each step of the last :meth:`generate` given a clock
         self.per_token: list[float] = []
 
@@ -90,7 +96,25 @@ class LeanDecoder:
             self._head = (lambda h: F.linear(h, head.weight)) if type(head) is nn.Linear else head
             self._emb = m.tok_emb.weight, m.pos_emb.weight                  # (vocab, C), (context, C)
             self._batch = B
+            self._numpy_glue = self._bind_numpy_glue(B) if use_numpy else None
         return logits
+
+    def _bind_numpy_glue(self, B: int):
+        """The NumPy stream's first and last steps where Numba runs and the head is the tied ``nn.Linear``: the
+        embeddings' NumPy views, a stream buffer, and the final layer norm and the head in one compiled call
+        (:func:`~sparse_tutorial.layers.head_kernel.bind`). None otherwise (the step then keeps PyTorch's calls,
+        on the same stream)."""
+        from .layers import head_kernel                                     # imports Numba: on first use
+        m = self.model
+        tok, pos = m.tok_emb.weight, m.pos_emb.weight
+        if type(m.head) is not nn.Linear or tok.dtype != torch.float32 or pos.dtype != torch.float32:
+            return None
+        try:
+            head = head_kernel.bind(m.ln_f, m.head.weight, B)                 # (B, C) -> (B, vocab or more)
+        except (head_kernel.KernelUnavailable, ValueError):
+            return None
+        stream = np.empty((B, tok.shape[1]), dtype=np.float32)             # (B, C), rewritten each step
+        return tok.detach().numpy(), pos.detach().numpy(), stream, head
 
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         """One new token per sequence, ``idx`` ``(B, 1)``, after the cache; returns the logits ``(B, 1, vocab)``."""
@@ -104,7 +128,13 @@ class LeanDecoder:
             raise ValueError(f"the cache holds context_length={cfg.context_length} "
                              f"positions: no room for another token (prefill the "
                              f"last ones again to slide the window)")
-        with torch.inference_mode():
+        with torch.inference_mode():                         # a sublayer without a NumPy step calls PyTorch
+            if self._numpy_glue is not None:                 # NumPy and compiled calls from end to end
+                tok, pos, xs, head = self._numpy_glue
+                np.add(tok[idx.numpy()[:, 0]], pos[P], out=xs)   # (B, C): the embeddings, into the stream
+                for block_step in self._numpy_plan:
+                    block_step(xs, P)
+                return torch.from_numpy(head(xs))[:, None, :cfg.vocab_size]   # (B, 1, vocab)
             tok, pos = self._emb
             x = tok[idx[:, 0]] + pos[P]                      # (B, C), a new tensor
             if self._numpy_plan is not None:
