@@ -19,9 +19,9 @@ with a fused kernel costs no conversion, and each residual addition is a NumPy a
 tensor. The blocks' layer norms stay PyTorch's own. On that stream the embeddings are added into a buffer held
 between steps, and the final layer norm and the tied head are one compiled call
 (:mod:`~sparse_tutorial.layers.head_kernel`, where Numba runs): after megabytes of weights have streamed through
-the caches, PyTorch's two calls there cost tens of microseconds a token. The logits then differ from the PyTorch
-stream's by float32 rounding in that last call only. :attr:`LeanDecoder.stream` says which stream a decoder runs;
-``stream="pytorch"`` keeps the PyTorch one.
+the caches, each PyTorch call there first brings its own code and data back into them. The logits differ from the
+PyTorch stream's by float32 rounding in that last call only. :attr:`LeanDecoder.stream` says which stream a
+decoder runs; ``stream="pytorch"`` keeps the PyTorch one.
 
 The cache is the model's own :class:`~sparse_tutorial.model.ModelCache`, given room for the whole context once
 (:meth:`LayerCache.reserve <sparse_tutorial.layers.attention.LayerCache.reserve>`), so no step reallocates a
