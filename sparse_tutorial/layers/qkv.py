@@ -436,31 +436,28 @@ class ConvQKVAttention(nn.Module):
         bias = (torch.zeros(S, M) if mult.bias is None else mult.bias.detach().view(S, M)).repeat(B, 1)
         mk = 2 * half + 1
         (wq, bq), (wk, bk), (wv, bv) = self._step_matrices()               # (M lk mk, M) and (M lk, M), (M,)
-        # The last lk inputs, laid out (module, channel, position) and zero-padded by `half` modules each side, so
-        # that module s's window is one contiguous run of mk M lk numbers, window[b, s:s + mk]: its rows are
-        # gathered by one plain copy, where the (M, lk, S) layout of _step_products needs a 5-d strided gather.
-        window = torch.zeros(B, S + 2 * half, M, lk)
-        inner = window[:, half:half + S]                                   # (B, S, M, lk): a view; V's windows
-        runs = window.as_strided((B, S, mk * M * lk), (window.stride(0), M * lk, 1))   # overlapping rows
-        windows = torch.empty(B * S, mk * M * lk)                          # (B S, mk M lk): copied from runs
-        # the filters' rows in the same (module, channel, position) order: (M lk mk, M) -> (mk M lk, M)
+        # Each module's window over the last lk inputs, (channel, position), V's input; and for Q and K the
+        # windows of the mk modules around it one after the other, zero-padded by `half` modules each side:
+        # gathered from the state in one compiled pass (qkv_kernel._wide_windows), where PyTorch's strided
+        # copies cost one call each.
+        own = torch.empty(B * S, M * lk)                                   # (B S, M lk)
+        windows = torch.empty(B * S, mk * M * lk)                          # (B S, mk M lk)
+        # the filters' rows in the windows' (module, channel, position) order: (M lk mk, M) -> (mk M lk, M)
         wq, wk = (w.view(M, lk, mk, M).permute(2, 0, 1, 3).reshape(mk * M * lk, M) for w in (wq, wk))
         gated = torch.empty(B, S, C)
         u = torch.empty(B * S, M)
         qkv = torch.empty(3, B * S, M)                                     # Q, K, V of every module
+        gather = _kernel_module()._wide_windows
+        arrays = u.numpy(), conv_in.numpy(), windows.numpy(), own.numpy()
+        scratch = np.zeros((B, M, lk, S), dtype=np.float32)                # compiled now, on buffers of its own
+        gather(arrays[0], scratch, lk - 1, lk, half, np.empty_like(arrays[2]), np.empty_like(arrays[3]))
         self.__dict__["last_decode_path"] = "wide"
 
         def numpy_step(h: np.ndarray, P: int) -> np.ndarray:
             x = torch.from_numpy(h)                                        # (B, C)
             torch.mul(x.view(B, 1, C), D, out=gated)                       # (B, S, C): x * D[s]
             torch.addmm(bias, gated.view(B * S, C), E, out=u)              # (B S, M): the multiplicative layer
-            conv_in[:, :, P].copy_(u.view(B, S, M).transpose(1, 2))        # (B, M, S): the convolution's input
-            lo = max(0, P + 1 - lk)                                        # positions lo..P, none before 0
-            if P + 1 < lk:
-                inner[..., :lk - (P + 1)].zero_()
-            inner[..., lk - (P + 1 - lo):].copy_(conv_in[:, :, lo:P + 1].permute(0, 3, 1, 2))   # (B, S, M, n)
-            windows.view(B, S, -1).copy_(runs)                             # each module's window: mk modules
-            own = inner.reshape(B * S, M * lk)                             # V's: its own module (a view at B 1)
+            gather(arrays[0], arrays[1], P, lk, half, arrays[2], arrays[3])  # u into the state; the windows
             for i, (cols, w, b) in enumerate(((windows, wq, bq), (windows, wk, bk), (own, wv, bv))):
                 torch.addmm(b, cols, w, out=qkv[i])
             rows = qkv.view(3, B, C).transpose(0, 1)                       # (B, 3, C): as the kernel reads them

@@ -73,6 +73,31 @@ unavailable_reason = sparse_ff_kernel.unavailable_reason
 # --------------------------------------------------------------------------------------------------
 
 
+def _wide_windows(u, conv_in, P, lk, half, windows, own):
+    """The convolution's inputs of the wide step (``ConvQKVAttention._wide_step``), gathered in one pass: ``u``
+    (B S, M), the multiplicative layer's outputs at position ``P``, written into the state ``conv_in``
+    (B, M, capacity, S); then for each module ``s`` its window over positions ``P + 1 - lk .. P`` (zero before
+    position 0), ``own`` (B S, M lk) in (channel, position) order, V's input; and ``windows`` (B S, mk M lk),
+    the windows of modules ``s - half .. s + half`` one after the other (zero beyond the first and the last
+    module), Q's and K's input."""
+    B, M, _, S = conv_in.shape
+    mk = 2 * half + 1
+    for b in range(B):
+        for s in range(S):
+            for m in range(M):
+                conv_in[b, m, P, s] = u[b * S + s, m]
+        for m in range(M):
+            for j in range(lk):
+                p = P + 1 - lk + j
+                for s in range(S):              # one position's row of the state: S numbers in a run
+                    own[b * S + s, m * lk + j] = conv_in[b, m, p, s] if p >= 0 else np.float32(0.0)
+        for s in range(S):
+            for k in range(mk):
+                t = s + k - half                # the neighbouring module whose window goes at offset k
+                for i in range(M * lk):
+                    windows[b * S + s, k * M * lk + i] = own[b * S + t, i] if 0 <= t < S else np.float32(0.0)
+
+
 def _padded(n: int) -> int:
     """``n`` rounded up to a multiple of :data:`LANES`."""
     return -(-n // LANES) * LANES
@@ -230,6 +255,7 @@ if njit is not None:
     _window = njit(fastmath=False, cache=True)(_window)
     _convolution = njit(fastmath=False, cache=True)(_convolution)
     _attend = njit(fastmath=False, cache=True)(_attend)
+    _wide_windows = njit(fastmath=False, cache=True)(_wide_windows)
     #: one thread: no thread pool at all
     _kernel_serial = njit(fastmath=False, cache=True)(sparse_ff_kernel._renamed(_conv_qkv_step, "_kernel_serial"))
     #: several threads: the modules shared out
