@@ -418,8 +418,9 @@ class ConvQKVAttention(nn.Module):
         """:meth:`step_function`'s step for a layer wider than :attr:`FUSED_MAX_D_MODEL`, where BLAS runs the
         products faster than the fused kernel's loops (the 17B block: the multiplicative layer alone is
         ``S d M`` = 85 M multiply-adds a token). The products are the PyTorch step's (:meth:`_step_products`),
-        each written into a buffer kept between steps, the convolution's window and filter rows in an order that
-        makes each module's window one contiguous run; the rest is one call of the dense attention's kernel
+        each written into a buffer kept between steps; the new input into the convolution's state and every
+        module's windows are one compiled pass (:func:`.qkv_kernel._wide_windows`), with the filter rows in the
+        windows' order; the rest is one call of the dense attention's kernel
         (:func:`~.matvec_kernel.bind_heads`): the new key and value written into the cache and each head's
         softmax attention over it, in place of two copies and ``F.scaled_dot_product_attention``, whose fixed
         cost at one query is most of its time. None where that kernel cannot run here."""
